@@ -1,0 +1,98 @@
+//! Observability shared by every preble service.
+//!
+//! Layout:
+//! - [`init_tracing`]: the `tracing` subscriber (pretty or JSON logs, `RUST_LOG`-style filter).
+//! - [`render_metrics`]: a Prometheus registry as the text exposition format for `/metrics`.
+//!
+//! OpenTelemetry export and trace propagation through NATS headers come on top of this.
+
+use std::str::FromStr;
+
+use prometheus::{Encoder, Registry, TextEncoder};
+use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+
+/// How logs are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "pretty" => Ok(LogFormat::Pretty),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("unknown log format {other:?} (pretty or json)")),
+        }
+    }
+}
+
+/// Installs the global tracing subscriber for `service`. The filter comes from `RUST_LOG`
+/// (default `info`). Calling it twice is harmless: the second call is ignored.
+pub fn init_tracing(service: &str, format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(filter);
+    let result = match format {
+        LogFormat::Pretty => registry
+            .with(fmt::layer().with_target(false).with_writer(std::io::stderr))
+            .try_init(),
+        LogFormat::Json => registry
+            .with(fmt::layer().json().with_writer(std::io::stderr))
+            .try_init(),
+    };
+    if result.is_ok() {
+        tracing::debug!(service, "tracing initialised");
+    }
+}
+
+/// Renders every metric of `registry` in the Prometheus text format.
+pub fn render_metrics(registry: &Registry) -> String {
+    let mut buffer = Vec::new();
+    let encoder = TextEncoder::new();
+    if let Err(e) = encoder.encode(&registry.gather(), &mut buffer) {
+        tracing::error!(error = %e, "failed to encode metrics");
+    }
+    String::from_utf8(buffer).unwrap_or_default()
+}
+
+/// Histogram buckets for latencies in seconds, from 1 ms to 5 minutes.
+pub fn latency_buckets() -> Vec<f64> {
+    vec![
+        0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0,
+        120.0, 300.0,
+    ]
+}
+
+/// Milliseconds since the Unix epoch (for timestamps carried in messages).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus::{IntCounter, Opts};
+
+    #[test]
+    fn renders_registered_metrics() {
+        let registry = Registry::new();
+        let c = IntCounter::with_opts(Opts::new("x_total", "things")).unwrap();
+        registry.register(Box::new(c.clone())).unwrap();
+        c.inc_by(3);
+        assert!(render_metrics(&registry).contains("x_total 3"));
+    }
+
+    #[test]
+    fn log_format_parses() {
+        assert_eq!("json".parse::<LogFormat>(), Ok(LogFormat::Json));
+        assert!("xml".parse::<LogFormat>().is_err());
+    }
+}
