@@ -1,0 +1,18 @@
+//! The preble global scheduler: consumes requests from JetStream, picks a worker with the
+//! configured policy, forwards the request and acknowledges it once a worker accepted.
+//!
+//! Layout:
+//! - [`config`]: flags and the validated configuration.
+//! - [`cluster`]: the scheduler's view of the workers: liveness, load charged at dispatch and
+//!   released on every ending, reported load. No I/O.
+//! - [`service`]: the NATS side: the requests stream and consumer, the routing actor,
+//!   dispatch with request-reply, worker events.
+//! - [`metrics`]: Prometheus metrics.
+
+pub mod cluster;
+pub mod config;
+pub mod metrics;
+pub mod service;
+
+pub use config::{Args, Config};
+pub use service::run;

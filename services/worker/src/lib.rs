@@ -1,0 +1,19 @@
+//! A preble worker: one GPU (real or simulated), its local scheduler and its engine.
+//!
+//! Layout:
+//! - [`config`]: flags and the validated configuration.
+//! - [`model`]: what the worker knows about its model directory (vocabulary, context, stop ids).
+//! - [`engine`]: the engine trait and the `sim` engine (cost-model time, deterministic tokens).
+//! - [`batch`]: the per-iteration scheduler: waiting queue, running batch, chunked prefill.
+//! - [`service`]: the NATS side: dispatch, cancellation, token streams, events.
+//! - [`metrics`]: Prometheus metrics (served on `/metrics` with `/health`).
+
+pub mod batch;
+pub mod config;
+pub mod engine;
+pub mod metrics;
+pub mod model;
+pub mod service;
+
+pub use config::{Args, Config};
+pub use service::run;

@@ -200,7 +200,8 @@ pub enum StreamBody {
         #[serde(default)]
         timings: Timings,
     },
-    /// The end of a failed stream.
+    /// The end of a failed stream. An error ends the stream whatever its `seq` (the scheduler
+    /// reports a lost worker without knowing how many tokens were sent).
     Error {
         /// Client-visible code.
         code: ErrorCode,
@@ -266,15 +267,20 @@ pub struct Cancel {
     /// Why, for logs.
     #[serde(default)]
     pub reason: String,
+    /// Only this worker should act (the scheduler cancels a dispatch that timed out on one
+    /// worker without touching its retry on another); `None` means every worker.
+    #[serde(default)]
+    pub worker_id: Option<String>,
 }
 
 impl Cancel {
-    /// A cancellation of the current protocol version.
+    /// A cancellation, for every worker, of the current protocol version.
     pub fn new(request_id: impl Into<String>, reason: impl Into<String>) -> Self {
         Self {
             v: PROTOCOL_VERSION,
             request_id: request_id.into(),
             reason: reason.into(),
+            worker_id: None,
         }
     }
 }

@@ -96,3 +96,42 @@ mod tests {
         assert!("xml".parse::<LogFormat>().is_err());
     }
 }
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM: the production shutdown trigger of every service.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        tokio::signal::ctrl_c().await.ok();
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+/// Serves `/health` and `/metrics` (from `registry`) on `listener` until `shutdown` resolves:
+/// the operations endpoint of the services that have no HTTP API of their own.
+pub async fn serve_ops(
+    listener: tokio::net::TcpListener,
+    registry: Registry,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::{Router, extract::State, routing::get};
+    let app = Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            get(|State(r): State<Registry>| async move { render_metrics(&r) }),
+        )
+        .with_state(registry);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}

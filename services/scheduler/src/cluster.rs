@@ -1,0 +1,292 @@
+//! The scheduler's view of its workers: who is alive, what they serve, and how loaded they are.
+//!
+//! Load is charged when a request is dispatched and released on every way it can end (finished,
+//! failed, cancelled, dispatch not accepted, worker dead), so a burst of requests sees the
+//! charges of the ones before it instead of waiting for the next periodic load report.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use preble_policy::{WorkerLoad, WorkerView};
+use preble_protocol::{WorkerEvent, WorkerEventBody};
+
+/// What the scheduler knows about one worker.
+#[derive(Clone, Debug)]
+pub struct WorkerState {
+    /// Models it serves.
+    pub models: Vec<String>,
+    /// When it was last heard from.
+    pub last_seen: Instant,
+    /// Its heartbeat period.
+    pub period: Duration,
+    /// Its load (charges plus last report).
+    pub load: WorkerLoad,
+    /// Sequence number of its last event.
+    pub last_seq: Option<u64>,
+    /// Whether it announced it is leaving.
+    pub leaving: bool,
+}
+
+/// A request dispatched to a worker and not yet finished.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outstanding {
+    /// The worker.
+    pub worker: String,
+    /// Its prompt length.
+    pub prompt_tokens: u64,
+    /// Where its stream goes (to tell the client if the worker dies).
+    pub stream_subject: String,
+}
+
+/// What observing an event changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Observed {
+    /// The worker is new (or back).
+    pub joined: bool,
+    /// Events were lost between the previous one and this one.
+    pub gap: bool,
+    /// A request ended: its charge was released.
+    pub released: Option<String>,
+}
+
+/// Every worker and every outstanding request.
+#[derive(Debug)]
+pub struct Cluster {
+    workers: BTreeMap<String, WorkerState>,
+    outstanding: HashMap<String, Outstanding>,
+    misses: u32,
+}
+
+impl Cluster {
+    /// An empty cluster; a worker silent for `misses` heartbeat periods is dead.
+    pub fn new(misses: u32) -> Self {
+        Self {
+            workers: BTreeMap::new(),
+            outstanding: HashMap::new(),
+            misses,
+        }
+    }
+
+    /// Applies one worker event.
+    pub fn observe(&mut self, event: &WorkerEvent, now: Instant) -> Observed {
+        let mut observed = Observed::default();
+        if let WorkerEventBody::Finished(f) = &event.body {
+            observed.released = self.release(&f.request_id).map(|_| f.request_id.clone());
+        }
+        let joined_by = match &event.body {
+            WorkerEventBody::Heartbeat(h) => Some(h),
+            _ => None,
+        };
+        let state = match (self.workers.get_mut(&event.worker_id), joined_by) {
+            (Some(state), _) => state,
+            (None, Some(beat)) => {
+                observed.joined = true;
+                self.workers
+                    .entry(event.worker_id.clone())
+                    .or_insert(WorkerState {
+                        models: beat.models.clone(),
+                        last_seen: now,
+                        period: Duration::from_millis(beat.period_ms.max(1)),
+                        load: WorkerLoad::default(),
+                        last_seq: None,
+                        leaving: false,
+                    })
+            }
+            // Events of a worker we do not know (yet) count once its heartbeat arrives.
+            (None, None) => return observed,
+        };
+        state.last_seen = now;
+        if let Some(last) = state.last_seq
+            && event.seq > last + 1
+        {
+            observed.gap = true;
+        }
+        if state.last_seq.is_none_or(|last| event.seq > last) || event.seq == 0 {
+            state.last_seq = Some(event.seq);
+        }
+        match &event.body {
+            WorkerEventBody::Heartbeat(beat) => {
+                state.models = beat.models.clone();
+                state.period = Duration::from_millis(beat.period_ms.max(1));
+                state.leaving = false;
+            }
+            WorkerEventBody::Load(report) => {
+                state.load.reported_prefill_tokens = report.queued_prefill_tokens;
+                state.load.reported_drain_ms = report.est_drain_ms;
+            }
+            WorkerEventBody::Leaving => state.leaving = true,
+            _ => {}
+        }
+        observed
+    }
+
+    /// Live workers that serve `model` and are not in `excluded`, in id order.
+    pub fn eligible(&self, model: &str, excluded: &[String]) -> Vec<WorkerView> {
+        self.workers
+            .iter()
+            .filter(|(id, w)| {
+                !w.leaving && w.models.iter().any(|m| m == model) && !excluded.contains(id)
+            })
+            .map(|(id, w)| WorkerView {
+                id: id.clone(),
+                load: w.load,
+            })
+            .collect()
+    }
+
+    /// Whether any live worker serves `model`.
+    pub fn serves(&self, model: &str) -> bool {
+        !self.eligible(model, &[]).is_empty()
+    }
+
+    /// Number of live workers.
+    pub fn live_workers(&self) -> usize {
+        self.workers.values().filter(|w| !w.leaving).count()
+    }
+
+    /// Charges a dispatched request to its worker.
+    pub fn charge(&mut self, request_id: &str, outstanding: Outstanding) {
+        if let Some(w) = self.workers.get_mut(&outstanding.worker) {
+            w.load.outstanding += 1;
+            w.load.outstanding_prompt_tokens += outstanding.prompt_tokens;
+        }
+        if let Some(previous) = self.outstanding.insert(request_id.to_string(), outstanding) {
+            self.uncharge(&previous);
+        }
+    }
+
+    /// Releases a request's charge; returns what it was, if it was outstanding.
+    pub fn release(&mut self, request_id: &str) -> Option<Outstanding> {
+        let outstanding = self.outstanding.remove(request_id)?;
+        self.uncharge(&outstanding);
+        Some(outstanding)
+    }
+
+    fn uncharge(&mut self, o: &Outstanding) {
+        if let Some(w) = self.workers.get_mut(&o.worker) {
+            w.load.outstanding = w.load.outstanding.saturating_sub(1);
+            w.load.outstanding_prompt_tokens =
+                w.load.outstanding_prompt_tokens.saturating_sub(o.prompt_tokens);
+        }
+    }
+
+    /// Removes workers not heard from for their allowed misses; returns each with the requests
+    /// it still owed (their charges released).
+    pub fn reap(&mut self, now: Instant) -> Vec<(String, Vec<(String, Outstanding)>)> {
+        let misses = self.misses;
+        let dead: Vec<String> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| now.duration_since(w.last_seen) > w.period * misses)
+            .map(|(id, _)| id.clone())
+            .collect();
+        dead.into_iter()
+            .map(|id| {
+                self.workers.remove(&id);
+                let owed: Vec<String> = self
+                    .outstanding
+                    .iter()
+                    .filter(|(_, o)| o.worker == id)
+                    .map(|(r, _)| r.clone())
+                    .collect();
+                let owed = owed
+                    .into_iter()
+                    .filter_map(|r| self.outstanding.remove(&r).map(|o| (r, o)))
+                    .collect();
+                (id, owed)
+            })
+            .collect()
+    }
+
+    /// Outstanding requests per worker (for metrics).
+    pub fn outstanding_by_worker(&self) -> impl Iterator<Item = (&str, u32)> {
+        self.workers
+            .iter()
+            .map(|(id, w)| (id.as_str(), w.load.outstanding))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use preble_protocol::{FinishedRequest, Heartbeat, PROTOCOL_VERSION, Usage};
+
+    fn event(worker: &str, seq: u64, body: WorkerEventBody) -> WorkerEvent {
+        WorkerEvent {
+            v: PROTOCOL_VERSION,
+            worker_id: worker.into(),
+            seq,
+            at_ms: 0,
+            body,
+        }
+    }
+
+    fn beat() -> WorkerEventBody {
+        WorkerEventBody::Heartbeat(Heartbeat {
+            models: vec!["m".into()],
+            period_ms: 100,
+            ..Heartbeat::default()
+        })
+    }
+
+    fn finished(id: &str) -> WorkerEventBody {
+        WorkerEventBody::Finished(FinishedRequest {
+            request_id: id.into(),
+            finish_reason: None,
+            usage: Usage::default(),
+            ttft_ms: 0.0,
+            tpot_ms: 0.0,
+        })
+    }
+
+    fn owed(worker: &str) -> Outstanding {
+        Outstanding {
+            worker: worker.into(),
+            prompt_tokens: 10,
+            stream_subject: "s".into(),
+        }
+    }
+
+    #[test]
+    fn charges_are_released_when_requests_finish() {
+        let t = Instant::now();
+        let mut c = Cluster::new(3);
+        assert!(c.observe(&event("a", 0, beat()), t).joined);
+        c.charge("r1", owed("a"));
+        c.charge("r2", owed("a"));
+        assert_eq!(c.eligible("m", &[])[0].load.outstanding, 2);
+        let o = c.observe(&event("a", 1, finished("r1")), t);
+        assert_eq!(o.released.as_deref(), Some("r1"));
+        assert_eq!(c.eligible("m", &[])[0].load.outstanding, 1);
+        assert_eq!(c.eligible("m", &[])[0].load.outstanding_prompt_tokens, 10);
+        assert!(c.release("r1").is_none(), "released once only");
+    }
+
+    #[test]
+    fn silent_workers_die_and_hand_back_what_they_owed() {
+        let t = Instant::now();
+        let mut c = Cluster::new(3);
+        c.observe(&event("a", 0, beat()), t);
+        c.observe(&event("b", 0, beat()), t);
+        c.charge("r1", owed("a"));
+        c.observe(&event("b", 1, beat()), t + Duration::from_millis(250));
+        assert!(c.reap(t + Duration::from_millis(250)).is_empty());
+        let dead = c.reap(t + Duration::from_millis(301));
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].0, "a");
+        assert_eq!(dead[0].1[0].0, "r1");
+        assert_eq!(c.live_workers(), 1);
+    }
+
+    #[test]
+    fn gaps_leaving_and_models_are_tracked() {
+        let t = Instant::now();
+        let mut c = Cluster::new(3);
+        c.observe(&event("a", 0, beat()), t);
+        assert!(c.observe(&event("a", 3, beat()), t).gap);
+        assert!(c.eligible("other", &[]).is_empty());
+        assert!(c.eligible("m", &["a".to_string()]).is_empty());
+        c.observe(&event("a", 4, WorkerEventBody::Leaving), t);
+        assert!(!c.serves("m"));
+    }
+}

@@ -1,0 +1,55 @@
+//! The scheduler's Prometheus metrics.
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+/// Every metric of the scheduler.
+#[derive(Clone)]
+pub struct Metrics {
+    /// The registry `/metrics` renders.
+    pub registry: Registry,
+    /// Routing decisions by kind.
+    pub decisions: IntCounterVec,
+    /// Dispatches sent to workers.
+    pub dispatches: IntCounter,
+    /// Dispatches that were not accepted (rejected, timed out, no responder).
+    pub dispatch_failures: IntCounter,
+    /// Requests that failed at the scheduler, by code.
+    pub request_errors: IntCounterVec,
+    /// Malformed messages received.
+    pub malformed_messages: IntCounter,
+    /// Live workers.
+    pub live_workers: IntGauge,
+    /// Outstanding requests per worker.
+    pub outstanding: IntGaugeVec,
+    /// Worker event sequence gaps seen.
+    pub event_gaps: IntCounter,
+}
+
+impl Metrics {
+    /// Creates and registers the metrics.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+            r.register(Box::new(c.clone())).expect("unique metric");
+            c
+        }
+        let opts = Opts::new;
+        Metrics {
+            decisions: reg(&registry, IntCounterVec::new(opts("preble:scheduler_decisions_total", "Routing decisions by kind"), &["kind"]).expect("valid metric")),
+            dispatches: reg(&registry, IntCounter::with_opts(opts("preble:scheduler_dispatches_total", "Dispatches sent to workers")).expect("valid metric")),
+            dispatch_failures: reg(&registry, IntCounter::with_opts(opts("preble:scheduler_dispatch_failures_total", "Dispatches not accepted")).expect("valid metric")),
+            request_errors: reg(&registry, IntCounterVec::new(opts("preble:scheduler_request_errors_total", "Requests failed at the scheduler"), &["code"]).expect("valid metric")),
+            malformed_messages: reg(&registry, IntCounter::with_opts(opts("preble:scheduler_malformed_messages_total", "Malformed messages received")).expect("valid metric")),
+            live_workers: reg(&registry, IntGauge::with_opts(opts("preble:scheduler_live_workers", "Live workers")).expect("valid metric")),
+            outstanding: reg(&registry, IntGaugeVec::new(opts("preble:scheduler_outstanding_requests", "Requests dispatched and not finished, per worker"), &["worker"]).expect("valid metric")),
+            event_gaps: reg(&registry, IntCounter::with_opts(opts("preble:scheduler_event_gaps_total", "Gaps in worker event sequences")).expect("valid metric")),
+            registry,
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

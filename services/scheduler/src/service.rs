@@ -1,0 +1,398 @@
+//! The scheduler service: one routing actor owns the cluster view and the policy; dispatches
+//! run as tasks that report back to it.
+//!
+//! A request is acknowledged on the JetStream stream only once a worker accepted it, so a
+//! scheduler that dies mid-dispatch loses nothing: JetStream redelivers after the ack wait.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use async_nats::jetstream::{self, AckKind, consumer::pull, stream};
+use async_nats::{Client, Request};
+use futures::StreamExt;
+use preble_policy::{ClusterView, Policy, RouteRequest};
+use preble_protocol::{
+    Cancel, Dispatch, DispatchOutcome, DispatchReply, ErrorCode, GenerateRequest,
+    PROTOCOL_VERSION, StreamBody, StreamMessage, WorkerEvent, decode, encode,
+};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::cluster::{Cluster, Outstanding};
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+/// How often dead workers are reaped and waiting requests retried.
+const TICK: Duration = Duration::from_millis(50);
+
+/// Runs the scheduler until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+    let client = async_nats::connect(&config.nats_url)
+        .await
+        .with_context(|| format!("connecting to NATS at {}", config.nats_url))?;
+    let js = jetstream::new(client.clone());
+    let stream = js
+        .get_or_create_stream(stream::Config {
+            name: config.subjects.requests_stream(),
+            subjects: vec![config.subjects.requests()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            max_age: Duration::from_secs(3600),
+            ..Default::default()
+        })
+        .await
+        .context("creating the requests stream")?;
+    let durable = config.subjects.scheduler_consumer();
+    let consumer: jetstream::consumer::PullConsumer = stream
+        .get_or_create_consumer(
+            &durable,
+            pull::Config {
+                durable_name: Some(durable.clone()),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: config.ack_wait,
+                max_ack_pending: config.max_in_flight,
+                ..Default::default()
+            },
+        )
+        .await
+        .context("creating the scheduler consumer")?;
+    let mut requests = consumer.messages().await.context("consuming requests")?;
+    let mut events = client.subscribe(config.subjects.all_events()).await?;
+    client.flush().await?;
+
+    let metrics = Metrics::new();
+    let listener = tokio::net::TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("binding {}", config.http_addr))?;
+    info!(
+        http = %listener.local_addr()?,
+        stream = %config.subjects.requests_stream(),
+        policy = ?config.policy,
+        "scheduler ready"
+    );
+    let stop_http = tokio_util::sync::CancellationToken::new();
+    let http_token = stop_http.clone();
+    let http = tokio::spawn(preble_telemetry::serve_ops(
+        listener,
+        metrics.registry.clone(),
+        async move { http_token.cancelled().await },
+    ));
+
+    let (results_tx, mut results) = mpsc::unbounded_channel();
+    let mut router = Router {
+        policy: config.policy.build(config.seed),
+        cluster: Cluster::new(config.heartbeat_misses),
+        waiting: VecDeque::new(),
+        in_flight: 0,
+        client: client.clone(),
+        results: results_tx,
+        metrics,
+        config,
+    };
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            message = requests.next() => match message {
+                Some(Ok(message)) => router.on_request(message),
+                Some(Err(e)) => warn!(error = %e, "error consuming requests"),
+                None => {
+                    warn!("requests consumer ended");
+                    break;
+                }
+            },
+            Some(event) = events.next() => router.on_event(&event.payload),
+            Some(result) = results.recv() => router.on_result(result),
+            _ = tick.tick() => router.on_tick(),
+        }
+    }
+    info!(in_flight = router.in_flight, "scheduler stopping");
+    // Stop taking requests; let dispatches in flight finish so their acks are sent. What is
+    // left unacknowledged is redelivered to the next scheduler.
+    drop(requests);
+    let deadline = tokio::time::Instant::now() + router.config.dispatch_timeout * 2;
+    while router.in_flight > 0 {
+        match tokio::time::timeout_at(deadline, results.recv()).await {
+            Ok(Some(result)) => router.on_result(result),
+            _ => break,
+        }
+    }
+    stop_http.cancel();
+    let _ = http.await;
+    client.flush().await.ok();
+    Ok(())
+}
+
+/// A request being routed.
+struct Pending {
+    request: GenerateRequest,
+    message: jetstream::Message,
+    attempts: u32,
+    tried: Vec<String>,
+    since: Instant,
+}
+
+/// What a dispatch task reports back.
+struct DispatchResult {
+    pending: Pending,
+    worker: String,
+    outcome: Result<DispatchOutcome, String>,
+}
+
+/// The routing actor.
+struct Router {
+    config: Config,
+    client: Client,
+    policy: Box<dyn Policy>,
+    cluster: Cluster,
+    waiting: VecDeque<Pending>,
+    in_flight: usize,
+    results: mpsc::UnboundedSender<DispatchResult>,
+    metrics: Metrics,
+}
+
+impl Router {
+    fn on_request(&mut self, message: jetstream::Message) {
+        match decode::<GenerateRequest>(&message.payload) {
+            Ok(request) => {
+                debug!(request = %request.request_id, "request received");
+                self.route(Pending {
+                    request,
+                    message,
+                    attempts: 0,
+                    tried: Vec::new(),
+                    since: Instant::now(),
+                });
+            }
+            Err(e) => {
+                // Nobody can be answered: the reply subject is inside the bytes we cannot
+                // read. Log it and remove it from the stream so it is not redelivered.
+                self.metrics.malformed_messages.inc();
+                warn!(error = %e, "malformed request on the requests stream; dropped");
+                tokio::spawn(async move {
+                    message.ack_with(AckKind::Term).await.ok();
+                });
+            }
+        }
+    }
+
+    fn route(&mut self, mut pending: Pending) {
+        let eligible = self
+            .cluster
+            .eligible(&pending.request.model, &pending.tried);
+        if eligible.is_empty() {
+            if pending.since.elapsed() >= self.config.no_worker_wait {
+                let why = if pending.tried.is_empty() {
+                    format!("no live worker serves model {:?}", pending.request.model)
+                } else {
+                    format!("no worker accepted the request (tried {})", pending.tried.join(", "))
+                };
+                self.fail(pending, ErrorCode::Overloaded, why);
+            } else {
+                self.waiting.push_back(pending);
+            }
+            return;
+        }
+        let request = &pending.request;
+        let decision = match self.policy.route(
+            &ClusterView { workers: &eligible },
+            &RouteRequest {
+                request_id: &request.request_id,
+                prompt: &request.prompt_tokens,
+                max_tokens: request.sampling.max_tokens,
+            },
+        ) {
+            Ok(decision) => decision,
+            Err(e) => {
+                self.fail(pending, ErrorCode::Internal, format!("routing failed: {e}"));
+                return;
+            }
+        };
+        self.metrics
+            .decisions
+            .with_label_values(&[decision.kind.as_str()])
+            .inc();
+        debug!(request = %request.request_id, worker = %decision.worker, reason = %decision.reason, "routed");
+        self.cluster.charge(
+            &request.request_id,
+            Outstanding {
+                worker: decision.worker.clone(),
+                prompt_tokens: request.prompt_tokens.len() as u64,
+                stream_subject: request.stream_subject.clone(),
+            },
+        );
+        pending.attempts += 1;
+        pending.tried.push(decision.worker.clone());
+        let dispatch = Dispatch {
+            v: PROTOCOL_VERSION,
+            request: pending.request.clone(),
+            attempt: pending.attempts,
+            expected_cached_tokens: decision.cached_tokens,
+        };
+        self.in_flight += 1;
+        self.metrics.dispatches.inc();
+        let client = self.client.clone();
+        let subject = self.config.subjects.worker(&decision.worker);
+        let timeout = self.config.dispatch_timeout;
+        let results = self.results.clone();
+        let worker = decision.worker;
+        tokio::spawn(async move {
+            let request = Request::new()
+                .payload(encode(&dispatch).into())
+                .timeout(Some(timeout));
+            let outcome = match client.send_request(subject, request).await {
+                Ok(reply) => decode::<DispatchReply>(&reply.payload)
+                    .map(|r| r.outcome)
+                    .map_err(|e| format!("malformed dispatch reply: {e}")),
+                Err(e) => Err(e.to_string()),
+            };
+            if matches!(outcome, Ok(DispatchOutcome::Accepted))
+                && let Err(e) = pending.message.ack().await
+            {
+                warn!(error = %e, "failed to acknowledge an accepted request");
+            }
+            let _ = results.send(DispatchResult {
+                pending,
+                worker,
+                outcome,
+            });
+        });
+    }
+
+    fn on_result(&mut self, result: DispatchResult) {
+        self.in_flight -= 1;
+        let DispatchResult {
+            pending,
+            worker,
+            outcome,
+        } = result;
+        let retry_reason = match outcome {
+            Ok(DispatchOutcome::Accepted) => return,
+            Ok(DispatchOutcome::Rejected {
+                code,
+                message,
+                retryable: false,
+            }) => {
+                self.metrics.dispatch_failures.inc();
+                self.cluster.release(&pending.request.request_id);
+                self.fail(pending, code, message);
+                return;
+            }
+            Ok(DispatchOutcome::Rejected { code, message, .. }) => format!("{code}: {message}"),
+            Err(transport) => {
+                // The worker may have accepted without us hearing it: make sure it does not
+                // run the request next to its retry elsewhere.
+                let cancel = Cancel {
+                    worker_id: Some(worker.clone()),
+                    ..Cancel::new(&pending.request.request_id, "dispatch timed out")
+                };
+                let client = self.client.clone();
+                let subject = self.config.subjects.cancel();
+                tokio::spawn(async move {
+                    client.publish(subject, encode(&cancel).into()).await.ok();
+                });
+                transport
+            }
+        };
+        self.metrics.dispatch_failures.inc();
+        self.cluster.release(&pending.request.request_id);
+        warn!(request = %pending.request.request_id, %worker, reason = %retry_reason, "dispatch not accepted");
+        if pending.attempts >= self.config.max_attempts {
+            let why = format!(
+                "no worker accepted the request after {} attempts (last: {retry_reason})",
+                pending.attempts
+            );
+            self.fail(pending, ErrorCode::Overloaded, why);
+        } else {
+            self.route(pending);
+        }
+    }
+
+    fn on_event(&mut self, payload: &[u8]) {
+        let event = match decode::<WorkerEvent>(payload) {
+            Ok(event) => event,
+            Err(e) => {
+                self.metrics.malformed_messages.inc();
+                warn!(error = %e, "malformed worker event");
+                return;
+            }
+        };
+        let observed = self.cluster.observe(&event, Instant::now());
+        if observed.gap {
+            self.metrics.event_gaps.inc();
+            warn!(worker = %event.worker_id, seq = event.seq, "gap in worker events");
+        }
+        if observed.joined {
+            info!(worker = %event.worker_id, "worker joined");
+            self.retry_waiting();
+        }
+        self.metrics
+            .live_workers
+            .set(self.cluster.live_workers() as i64);
+    }
+
+    fn on_tick(&mut self) {
+        for (worker, owed) in self.cluster.reap(Instant::now()) {
+            warn!(%worker, requests = owed.len(), "worker missed its heartbeats: dropped");
+            self.metrics.outstanding.remove_label_values(&[&worker]).ok();
+            for (request_id, outstanding) in owed {
+                self.send_error(
+                    &request_id,
+                    &outstanding.stream_subject,
+                    ErrorCode::WorkerLost,
+                    format!("worker {worker} stopped responding"),
+                );
+            }
+        }
+        for (worker, n) in self.cluster.outstanding_by_worker() {
+            self.metrics
+                .outstanding
+                .with_label_values(&[worker])
+                .set(i64::from(n));
+        }
+        self.metrics
+            .live_workers
+            .set(self.cluster.live_workers() as i64);
+        self.retry_waiting();
+    }
+
+    fn retry_waiting(&mut self) {
+        for pending in std::mem::take(&mut self.waiting) {
+            self.route(pending);
+        }
+    }
+
+    /// Ends a request with an error on its stream and removes it from the requests stream.
+    fn fail(&mut self, pending: Pending, code: ErrorCode, message: String) {
+        warn!(request = %pending.request.request_id, %code, %message, "request failed");
+        self.send_error(
+            &pending.request.request_id,
+            &pending.request.stream_subject,
+            code,
+            message,
+        );
+        tokio::spawn(async move {
+            pending.message.ack().await.ok();
+        });
+    }
+
+    fn send_error(&self, request_id: &str, subject: &str, code: ErrorCode, message: String) {
+        self.metrics
+            .request_errors
+            .with_label_values(&[code.as_str()])
+            .inc();
+        let error = StreamMessage {
+            v: PROTOCOL_VERSION,
+            request_id: request_id.to_string(),
+            seq: u64::MAX,
+            body: StreamBody::Error { code, message },
+        };
+        let client = self.client.clone();
+        let subject = subject.to_string();
+        tokio::spawn(async move {
+            client.publish(subject, encode(&error).into()).await.ok();
+        });
+    }
+}

@@ -1,0 +1,132 @@
+//! Command-line flags (each with a `PREBLE_*` environment fallback) and the validated config.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use preble_costmodel::Profile;
+use preble_protocol::Subjects;
+use preble_telemetry::LogFormat;
+
+use crate::model::ModelInfo;
+
+/// A preble worker: serves one model on one GPU (or a simulated one) for the scheduler.
+#[derive(Parser, Debug, Clone)]
+#[command(version)]
+pub struct Args {
+    /// NATS server URL.
+    #[arg(long, env = "PREBLE_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Subject prefix of the deployment (several deployments can share one NATS).
+    #[arg(long, env = "PREBLE_SUBJECT_PREFIX", default_value = preble_protocol::subjects::DEFAULT_PREFIX)]
+    pub subject_prefix: String,
+    /// This worker's id (unique in the deployment); default: `worker-<pid>`.
+    #[arg(long, env = "PREBLE_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Model directory (Hugging Face layout: config.json, tokenizer.json, ...).
+    #[arg(long, env = "PREBLE_MODEL_DIR", default_value = "models/preble-sim")]
+    pub model_dir: PathBuf,
+    /// Name the model is served under; default: the directory's name.
+    #[arg(long, env = "PREBLE_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// Engine: `sim` (cost-model timing, deterministic tokens).
+    #[arg(long, env = "PREBLE_ENGINE", default_value = "sim")]
+    pub engine: String,
+    /// Cost profile (GPU x model) the sim engine imitates and the scheduler estimates with.
+    #[arg(long, env = "PREBLE_PROFILE", default_value = "a6000-mistral-7b")]
+    pub profile: String,
+    /// Multiplies every simulated iteration time (0.5 runs the sim twice as fast).
+    #[arg(long, env = "PREBLE_TIME_SCALE", default_value_t = 1.0)]
+    pub time_scale: f64,
+    /// KV-cache capacity in tokens; default: the profile's.
+    #[arg(long, env = "PREBLE_KV_CAPACITY_TOKENS")]
+    pub kv_capacity_tokens: Option<u64>,
+    /// Prefill tokens per iteration (chunked prefill budget).
+    #[arg(long, env = "PREBLE_CHUNK_TOKENS", default_value_t = 512)]
+    pub chunk_tokens: u32,
+    /// Most requests in the running batch.
+    #[arg(long, env = "PREBLE_MAX_RUNNING", default_value_t = 256)]
+    pub max_running: usize,
+    /// Heartbeat and load-report period, milliseconds.
+    #[arg(long, env = "PREBLE_HEARTBEAT_MS", default_value_t = 500)]
+    pub heartbeat_ms: u64,
+    /// Address of the `/health` and `/metrics` endpoint.
+    #[arg(long, env = "PREBLE_HTTP_ADDR", default_value = "127.0.0.1:9100")]
+    pub http_addr: SocketAddr,
+    /// On shutdown, how long running requests may take to finish before they are cancelled.
+    #[arg(long, env = "PREBLE_DRAIN_TIMEOUT_S", default_value_t = 30)]
+    pub drain_timeout_s: u64,
+    /// Log format: `pretty` or `json`.
+    #[arg(long, env = "PREBLE_LOG_FORMAT", default_value = "pretty")]
+    pub log_format: LogFormat,
+}
+
+/// The validated configuration a worker runs with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// NATS server URL.
+    pub nats_url: String,
+    /// Subjects of the deployment.
+    pub subjects: Subjects,
+    /// This worker's id.
+    pub worker_id: String,
+    /// The model.
+    pub model: ModelInfo,
+    /// The cost profile.
+    pub profile: Profile,
+    /// Simulated-time multiplier.
+    pub time_scale: f64,
+    /// KV capacity, tokens.
+    pub kv_capacity_tokens: u64,
+    /// Chunked-prefill budget per iteration.
+    pub chunk_tokens: u32,
+    /// Running-batch cap.
+    pub max_running: usize,
+    /// Heartbeat period.
+    pub heartbeat: Duration,
+    /// HTTP address.
+    pub http_addr: SocketAddr,
+    /// Drain deadline on shutdown.
+    pub drain_timeout: Duration,
+}
+
+impl Config {
+    /// Validates flags into a configuration; an unknown value is an error, never a fallback.
+    pub fn from_args(args: Args) -> Result<Config> {
+        if args.engine != "sim" {
+            bail!(
+                "unknown engine {:?}: this build has `sim` (the `torch` engine needs the cargo feature `torch`)",
+                args.engine
+            );
+        }
+        let profile = Profile::by_name(&args.profile)?;
+        if !(args.time_scale.is_finite() && args.time_scale >= 0.0) {
+            bail!("--time-scale must be a finite number >= 0, got {}", args.time_scale);
+        }
+        if args.chunk_tokens == 0 || args.max_running == 0 || args.heartbeat_ms == 0 {
+            bail!("--chunk-tokens, --max-running and --heartbeat-ms must be positive");
+        }
+        let mut model = ModelInfo::load(&args.model_dir)
+            .with_context(|| format!("loading model directory {}", args.model_dir.display()))?;
+        if let Some(name) = args.served_model_name {
+            model.name = name;
+        }
+        let kv_capacity_tokens = args.kv_capacity_tokens.unwrap_or(profile.kv_capacity_tokens);
+        Ok(Config {
+            nats_url: args.nats_url,
+            subjects: Subjects::new(args.subject_prefix),
+            worker_id: args
+                .worker_id
+                .unwrap_or_else(|| format!("worker-{}", std::process::id())),
+            model,
+            profile,
+            time_scale: args.time_scale,
+            kv_capacity_tokens,
+            chunk_tokens: args.chunk_tokens,
+            max_running: args.max_running,
+            heartbeat: Duration::from_millis(args.heartbeat_ms),
+            http_addr: args.http_addr,
+            drain_timeout: Duration::from_secs(args.drain_timeout_s),
+        })
+    }
+}

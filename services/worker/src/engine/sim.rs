@@ -1,0 +1,117 @@
+//! The `sim` engine: no model, just time. Each iteration takes what the cost model says a real
+//! GPU would take, and emits tokens that are a deterministic function of (prompt, seed, index),
+//! so one laptop can run a cluster of "GPUs" whose outputs tests can predict.
+
+use std::time::Duration;
+
+use preble_costmodel::{Profile, SeqWork};
+
+use super::{Engine, StepOutput, StepSeq};
+
+/// A simulated GPU.
+#[derive(Debug)]
+pub struct SimEngine {
+    profile: Profile,
+    time_scale: f64,
+    vocab: Vec<u32>,
+}
+
+impl SimEngine {
+    /// A sim engine imitating `profile`, with every iteration's time multiplied by
+    /// `time_scale`, generating tokens from `0..vocab_size` except `excluded` (special tokens).
+    pub fn new(profile: Profile, time_scale: f64, vocab_size: u32, excluded: &[u32]) -> Self {
+        let mut vocab: Vec<u32> = (0..vocab_size).filter(|t| !excluded.contains(t)).collect();
+        if vocab.is_empty() {
+            vocab.push(0);
+        }
+        Self {
+            profile,
+            time_scale,
+            vocab,
+        }
+    }
+}
+
+/// SplitMix64's finaliser.
+fn mix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// A hash of a token sequence (order-sensitive).
+pub fn hash_tokens(tokens: &[u32]) -> u64 {
+    tokens
+        .iter()
+        .fold(0x243F_6A88_85A3_08D3, |h, &t| mix64(h ^ u64::from(t)))
+}
+
+impl SimEngine {
+    /// The token the sim generates at `index` for a prompt hash and seed.
+    pub fn token(&self, prompt_hash: u64, seed: u64, index: u32) -> u32 {
+        let h = mix64(prompt_hash ^ mix64(seed) ^ mix64(u64::from(index) + 1));
+        self.vocab[(h % self.vocab.len() as u64) as usize]
+    }
+}
+
+impl Engine for SimEngine {
+    fn kind(&self) -> &'static str {
+        "sim"
+    }
+
+    fn step(&mut self, batch: &[StepSeq<'_>]) -> StepOutput {
+        let work: Vec<SeqWork> = batch.iter().map(|s| s.work).collect();
+        let ms = self.profile.iteration_ms(&work) * self.time_scale;
+        let tokens = batch
+            .iter()
+            .map(|s| {
+                s.samples
+                    .then(|| self.token(s.prompt_hash, s.seed, s.output_index))
+            })
+            .collect();
+        StepOutput {
+            tokens,
+            busy_for: Duration::from_secs_f64(ms / 1e3),
+        }
+    }
+
+    fn estimate_ms(&self, batch: &[SeqWork]) -> f64 {
+        self.profile.iteration_ms(batch) * self.time_scale
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_deterministic_and_avoid_special_ids() {
+        let e = SimEngine::new(Profile::a6000_mistral_7b(), 1.0, 50, &[0, 1, 2]);
+        let h = hash_tokens(&[5, 6, 7]);
+        let a: Vec<u32> = (0..100).map(|i| e.token(h, 3, i)).collect();
+        let b: Vec<u32> = (0..100).map(|i| e.token(h, 3, i)).collect();
+        assert_eq!(a, b);
+        assert!(a.iter().all(|&t| t >= 3 && t < 50));
+        let c: Vec<u32> = (0..100).map(|i| e.token(h, 4, i)).collect();
+        assert_ne!(a, c, "the seed changes the output");
+    }
+
+    #[test]
+    fn step_takes_the_cost_models_time() {
+        let p = Profile::a6000_mistral_7b();
+        let expected = p.prefill_ms(100, 0) * 0.5;
+        let mut e = SimEngine::new(p, 0.5, 50, &[]);
+        let prompt = [1u32; 100];
+        let out = e.step(&[StepSeq {
+            prompt: &prompt,
+            prompt_hash: 1,
+            seed: 0,
+            output_index: 0,
+            work: SeqWork { extend: 100, context: 0 },
+            samples: true,
+        }]);
+        assert!((out.busy_for.as_secs_f64() * 1e3 - expected).abs() < 1e-6);
+        assert!(out.tokens[0].is_some());
+    }
+}

@@ -1,0 +1,93 @@
+//! The worker's Prometheus metrics (names after vLLM's, with the `preble:` prefix).
+
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
+
+/// Every metric of a worker.
+#[derive(Clone)]
+pub struct Metrics {
+    /// The registry `/metrics` renders.
+    pub registry: Registry,
+    /// Requests accepted from the scheduler.
+    pub requests_accepted: IntCounter,
+    /// Requests rejected at dispatch.
+    pub requests_rejected: IntCounter,
+    /// Requests that ended, by reason (`stop`, `length`, `cancelled`, `error`).
+    pub requests_finished: IntCounterVec,
+    /// Prompt tokens of accepted requests.
+    pub prompt_tokens: IntCounter,
+    /// Generated tokens.
+    pub generation_tokens: IntCounter,
+    /// Engine iterations.
+    pub iterations: IntCounter,
+    /// Requests in the running batch.
+    pub running: IntGauge,
+    /// Requests waiting.
+    pub waiting: IntGauge,
+    /// Reserved KV slots.
+    pub kv_used_tokens: IntGauge,
+    /// Malformed messages received.
+    pub malformed_messages: IntCounter,
+    /// Worker-side time to first token.
+    pub time_to_first_token: Histogram,
+    /// Duration of engine iterations.
+    pub iteration_seconds: Histogram,
+}
+
+impl Metrics {
+    /// Creates and registers the metrics.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::with_opts(Opts::new(name, help)).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::with_opts(Opts::new(name, help)).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        let histogram = |name: &str, help: &str| {
+            let h = Histogram::with_opts(
+                HistogramOpts::new(name, help).buckets(preble_telemetry::latency_buckets()),
+            )
+            .expect("valid metric");
+            registry.register(Box::new(h.clone())).expect("unique metric");
+            h
+        };
+        let requests_finished = IntCounterVec::new(
+            Opts::new("preble:request_finished_total", "Requests that ended, by reason"),
+            &["finished_reason"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(requests_finished.clone()))
+            .expect("unique metric");
+        Metrics {
+            requests_accepted: counter("preble:requests_accepted_total", "Requests accepted"),
+            requests_rejected: counter("preble:requests_rejected_total", "Requests rejected at dispatch"),
+            requests_finished,
+            prompt_tokens: counter("preble:prompt_tokens_total", "Prompt tokens of accepted requests"),
+            generation_tokens: counter("preble:generation_tokens_total", "Generated tokens"),
+            iterations: counter("preble:iterations_total", "Engine iterations"),
+            running: gauge("preble:num_requests_running", "Requests in the running batch"),
+            waiting: gauge("preble:num_requests_waiting", "Requests waiting for admission"),
+            kv_used_tokens: gauge("preble:kv_cache_used_tokens", "Reserved KV-cache slots"),
+            malformed_messages: counter("preble:malformed_messages_total", "Malformed messages received"),
+            time_to_first_token: histogram(
+                "preble:time_to_first_token_seconds",
+                "Worker-side time from acceptance to first token",
+            ),
+            iteration_seconds: histogram("preble:iteration_seconds", "Engine iteration time"),
+            registry,
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
