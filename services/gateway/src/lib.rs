@@ -1,0 +1,27 @@
+//! The preble gateway: the OpenAI-compatible HTTP API and the NATS request API. It tokenises,
+//! publishes each request to the requests stream, and relays the token stream back as text.
+//! It never picks a worker.
+//!
+//! Layout:
+//! - [`config`]: flags and the validated configuration.
+//! - [`models`]: served models: tokenizer, chat template, context length.
+//! - [`error`]: API errors and their OpenAI-shaped bodies.
+//! - [`openai`]: the OpenAI request and response types.
+//! - [`relay`]: submits a request over NATS and yields its ordered token stream; cancels the
+//!   request everywhere when the consumer goes away.
+//! - [`text`]: incremental detokenisation and stop strings on top of a relay.
+//! - [`http`]: the axum routes; [`nats_api`]: the same over NATS.
+//! - [`metrics`]: Prometheus metrics.
+
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod models;
+pub mod nats_api;
+pub mod openai;
+pub mod relay;
+pub mod text;
+
+pub use config::{Args, Config};
+pub use http::run;

@@ -1,0 +1,12 @@
+//! The `preble-gateway` binary.
+
+use clap::Parser;
+use preble_gateway::{Args, Config};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    preble_telemetry::init_tracing("preble-gateway", args.log_format);
+    let config = Config::from_args(args)?;
+    preble_gateway::run(config, preble_telemetry::shutdown_signal()).await
+}

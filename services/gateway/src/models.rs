@@ -1,0 +1,262 @@
+//! Served models: each model directory's tokenizer, chat template and context length.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow};
+use minijinja::Environment;
+use preble_protocol::{ChatMessage, ErrorCode};
+use serde_json::Value;
+use tokenizers::Tokenizer;
+
+use crate::error::ApiError;
+
+/// The chat template used when `tokenizer_config.json` has none: ChatML, the format of many
+/// open chat models (`<|im_start|>role\ncontent<|im_end|>\n`, then `<|im_start|>assistant\n`).
+pub const DEFAULT_CHAT_TEMPLATE: &str = "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+/// One served model.
+pub struct ServedModel {
+    /// Name clients use.
+    pub name: String,
+    /// Its tokenizer.
+    pub tokenizer: Tokenizer,
+    /// Longest prompt plus output.
+    pub context_len: u32,
+    /// Unix time the gateway loaded it (the `created` of `/v1/models`).
+    pub created: u64,
+    templates: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+impl std::fmt::Debug for ServedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServedModel")
+            .field("name", &self.name)
+            .field("context_len", &self.context_len)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// A special token in `tokenizer_config.json` is a string or `{"content": ...}`.
+fn token_string(value: Option<&Value>) -> String {
+    match value {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Object(o)) => o
+            .get("content")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
+        _ => String::new(),
+    }
+}
+
+impl ServedModel {
+    /// Loads a model directory: `tokenizer.json` and `config.json` are required,
+    /// `tokenizer_config.json` is optional.
+    pub fn load(dir: &Path) -> Result<ServedModel> {
+        let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))
+            .map_err(|e| anyhow!("loading {}: {e}", dir.join("tokenizer.json").display()))?;
+        let config = read_json(&dir.join("config.json"))?;
+        let context_len = config
+            .get("max_position_embeddings")
+            .and_then(Value::as_u64)
+            .and_then(|n| u32::try_from(n).ok())
+            .context("config.json has no valid max_position_embeddings")?;
+        let tokenizer_config_path = dir.join("tokenizer_config.json");
+        let tokenizer_config = if tokenizer_config_path.exists() {
+            read_json(&tokenizer_config_path)?
+        } else {
+            Value::Null
+        };
+        let template = match tokenizer_config.get("chat_template") {
+            Some(Value::String(t)) => t.clone(),
+            // A list of named templates: take the one named "default".
+            Some(Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .and_then(|t| t.get("template").and_then(Value::as_str))
+                .unwrap_or(DEFAULT_CHAT_TEMPLATE)
+                .to_string(),
+            _ => DEFAULT_CHAT_TEMPLATE.to_string(),
+        };
+        let mut templates = Environment::new();
+        templates.add_function(
+            "raise_exception",
+            |message: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    message,
+                ))
+            },
+        );
+        templates
+            .add_template_owned("chat", template)
+            .context("compiling the chat template")?;
+        let name = dir
+            .canonicalize()
+            .unwrap_or_else(|_| dir.to_path_buf())
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .context("model directory has no name")?;
+        Ok(ServedModel {
+            name,
+            tokenizer,
+            context_len,
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            templates,
+            bos_token: token_string(tokenizer_config.get("bos_token")),
+            eos_token: token_string(tokenizer_config.get("eos_token")),
+        })
+    }
+
+    /// Token ids of `text` (special tokens written in the text are recognised).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, ApiError> {
+        self.tokenizer
+            .encode(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| ApiError::new(ErrorCode::Internal, format!("tokenisation failed: {e}")))
+    }
+
+    /// Checks that the prompt is usable and that it plus `max_tokens` fits the context.
+    pub fn check_prompt(&self, prompt: &[u32], max_tokens: u32, param: &str) -> Result<(), ApiError> {
+        if prompt.is_empty() {
+            return Err(ApiError::invalid(param, "the prompt must not be empty"));
+        }
+        let vocab = self.tokenizer.get_vocab_size(true) as u32;
+        if let Some(bad) = prompt.iter().find(|&&t| t >= vocab) {
+            return Err(ApiError::invalid(
+                param,
+                format!("token id {bad} is outside the vocabulary of {vocab}"),
+            ));
+        }
+        let total = prompt.len() as u64 + u64::from(max_tokens);
+        if total > u64::from(self.context_len) {
+            return Err(ApiError {
+                code: ErrorCode::ContextLengthExceeded,
+                message: format!(
+                    "This model's maximum context length is {} tokens. However, you requested {total} tokens ({} in the prompt, {max_tokens} for the completion).",
+                    self.context_len,
+                    prompt.len()
+                ),
+                param: Some(param.to_string()),
+            });
+        }
+        Ok(())
+    }
+
+    /// Renders a conversation with the model's chat template, ready for generation.
+    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, ApiError> {
+        let template = self
+            .templates
+            .get_template("chat")
+            .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+        template
+            .render(minijinja::context! {
+                messages => messages.iter().map(|m| minijinja::context! {
+                    role => m.role.clone(),
+                    content => m.content.clone(),
+                }).collect::<Vec<_>>(),
+                add_generation_prompt => true,
+                bos_token => self.bos_token.clone(),
+                eos_token => self.eos_token.clone(),
+            })
+            .map_err(|e| ApiError::invalid("messages", format!("chat template failed: {e}")))
+    }
+}
+
+/// Every served model by name.
+#[derive(Debug, Default)]
+pub struct Models {
+    by_name: BTreeMap<String, Arc<ServedModel>>,
+}
+
+impl Models {
+    /// Loads every directory; two with the same name are an error.
+    pub fn load(dirs: &[impl AsRef<Path>]) -> Result<Models> {
+        let mut by_name = BTreeMap::new();
+        for dir in dirs {
+            let dir = dir.as_ref();
+            let model = ServedModel::load(dir)
+                .with_context(|| format!("loading model directory {}", dir.display()))?;
+            if by_name.contains_key(&model.name) {
+                anyhow::bail!("two model directories are both named {:?}", model.name);
+            }
+            by_name.insert(model.name.clone(), Arc::new(model));
+        }
+        Ok(Models { by_name })
+    }
+
+    /// The model named `name`, or `model_not_found`.
+    pub fn get(&self, name: &str) -> Result<Arc<ServedModel>, ApiError> {
+        self.by_name.get(name).cloned().ok_or_else(|| ApiError {
+            code: ErrorCode::ModelNotFound,
+            message: format!(
+                "The model `{name}` does not exist. Served models: {}",
+                self.by_name.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+            param: Some("model".into()),
+        })
+    }
+
+    /// All served models.
+    pub fn iter(&self) -> impl Iterator<Item = &ServedModel> {
+        self.by_name.values().map(|m| m.as_ref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model() -> (tempfile::TempDir, ServedModel) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m");
+        preble_modelgen::write_sim_model(&path, &preble_modelgen::SimModelOptions::default())
+            .unwrap();
+        let m = ServedModel::load(&path).unwrap();
+        (dir, m)
+    }
+
+    #[test]
+    fn renders_the_chat_template_and_tokenises_specials() {
+        let (_d, m) = model();
+        assert_eq!(m.name, "m");
+        let text = m
+            .render_chat(&[
+                ChatMessage { role: "system".into(), content: "Be brief.".into() },
+                ChatMessage { role: "user".into(), content: "Hi".into() },
+            ])
+            .unwrap();
+        assert_eq!(
+            text,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+        let ids = m.encode(&text).unwrap();
+        let im_start = m.tokenizer.token_to_id("<|im_start|>").unwrap();
+        assert_eq!(ids.iter().filter(|&&t| t == im_start).count(), 3);
+    }
+
+    #[test]
+    fn unknown_models_name_the_served_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alpha");
+        preble_modelgen::write_sim_model(&path, &preble_modelgen::SimModelOptions::default())
+            .unwrap();
+        let models = Models::load(&[&path]).unwrap();
+        let err = models.get("beta").unwrap_err();
+        assert_eq!(err.code, ErrorCode::ModelNotFound);
+        assert!(err.message.contains("alpha"));
+    }
+}

@@ -1,0 +1,384 @@
+//! The OpenAI request types the gateway accepts, their validation, and response bodies.
+
+use preble_protocol::{ChatMessage, FinishReason, SamplingParams, Usage};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::error::ApiError;
+
+/// A prompt: text, a batch of one text, or token ids.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    /// Text.
+    Text(String),
+    /// Token ids.
+    Tokens(Vec<u32>),
+    /// Several texts (only one is supported).
+    Texts(Vec<String>),
+}
+
+/// Stop strings: one or several.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    /// One.
+    One(String),
+    /// Several.
+    Many(Vec<String>),
+}
+
+/// `stream_options`.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    /// Send a last chunk with usage.
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Parameters common to completions and chat.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct CommonParams {
+    /// Most tokens to generate.
+    pub max_tokens: Option<u32>,
+    /// Newer name of `max_tokens` (chat).
+    pub max_completion_tokens: Option<u32>,
+    /// Sampling temperature, 0..=2.
+    pub temperature: Option<f32>,
+    /// Nucleus mass, (0, 1].
+    pub top_p: Option<f32>,
+    /// Sampling seed.
+    pub seed: Option<u64>,
+    /// Stop strings (at most 4).
+    pub stop: Option<Stop>,
+    /// Number of choices (only 1 is supported).
+    pub n: Option<u32>,
+    /// Stream the answer as server-sent events.
+    #[serde(default)]
+    pub stream: bool,
+    /// Streaming options.
+    pub stream_options: Option<StreamOptions>,
+    /// End-user id.
+    pub user: Option<String>,
+    /// Extra stop token ids (vLLM extension).
+    pub stop_token_ids: Option<Vec<u32>>,
+    /// Generate past end-of-sequence (vLLM extension).
+    #[serde(default)]
+    pub ignore_eos: bool,
+}
+
+/// `POST /v1/completions`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct CompletionRequest {
+    /// Model name.
+    pub model: String,
+    /// The prompt.
+    pub prompt: Prompt,
+    /// The rest.
+    #[serde(flatten)]
+    pub params: CommonParams,
+}
+
+/// Message content: text, or a list of parts of which the text ones are used.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    /// Plain text.
+    Text(String),
+    /// Content parts.
+    Parts(Vec<ContentPart>),
+}
+
+/// One content part.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ContentPart {
+    /// Part type; only `text` is supported.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The text of a `text` part.
+    pub text: Option<String>,
+}
+
+/// One chat message as sent by a client.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ChatMessageIn {
+    /// `system`, `user`, `assistant`, `tool`, `developer`.
+    pub role: String,
+    /// The content (may be null for assistant tool calls).
+    pub content: Option<Content>,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ChatRequest {
+    /// Model name.
+    pub model: String,
+    /// The conversation.
+    pub messages: Vec<ChatMessageIn>,
+    /// The rest.
+    #[serde(flatten)]
+    pub params: CommonParams,
+}
+
+/// Parses a JSON body, naming the offending field in the error.
+pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let param = if path == "." || path.is_empty() {
+            // A missing field is reported at the parent: pull its name out of the message.
+            let msg = inner.to_string();
+            msg.split('`').nth(1).unwrap_or("body").to_string()
+        } else {
+            path
+        };
+        ApiError::invalid(param.clone(), format!("invalid request body at `{param}`: {inner}"))
+    })
+}
+
+/// Validated generation settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generation {
+    /// What the worker needs.
+    pub sampling: SamplingParams,
+    /// Stop strings, applied by the gateway on the detokenised text.
+    pub stop: Vec<String>,
+    /// Whether to stream.
+    pub stream: bool,
+    /// Whether the stream ends with a usage chunk.
+    pub include_usage: bool,
+    /// End user.
+    pub user: Option<String>,
+}
+
+impl CommonParams {
+    /// Validates the parameters; `default_max_tokens` applies when none is given.
+    pub fn validate(&self, default_max_tokens: u32) -> Result<Generation, ApiError> {
+        if let Some(n) = self.n
+            && n != 1
+        {
+            return Err(ApiError::invalid("n", format!("n={n} is not supported yet; use n=1")));
+        }
+        let max_tokens = self
+            .max_completion_tokens
+            .or(self.max_tokens)
+            .unwrap_or(default_max_tokens);
+        if max_tokens == 0 {
+            return Err(ApiError::invalid("max_tokens", "max_tokens must be at least 1"));
+        }
+        let temperature = self.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(ApiError::invalid("temperature", "temperature must be between 0 and 2"));
+        }
+        let top_p = self.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(ApiError::invalid("top_p", "top_p must be in (0, 1]"));
+        }
+        let stop = match &self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        };
+        if stop.len() > 4 {
+            return Err(ApiError::invalid("stop", "at most 4 stop sequences"));
+        }
+        if stop.iter().any(String::is_empty) {
+            return Err(ApiError::invalid("stop", "stop sequences must not be empty"));
+        }
+        if !self.stream && self.stream_options.is_some() {
+            return Err(ApiError::invalid("stream_options", "stream_options requires stream=true"));
+        }
+        Ok(Generation {
+            sampling: SamplingParams {
+                max_tokens,
+                temperature,
+                top_p,
+                seed: self.seed,
+                stop_token_ids: self.stop_token_ids.clone().unwrap_or_default(),
+                ignore_eos: self.ignore_eos,
+            },
+            stop,
+            stream: self.stream,
+            include_usage: self
+                .stream_options
+                .as_ref()
+                .is_some_and(|o| o.include_usage),
+            user: self.user.clone(),
+        })
+    }
+}
+
+impl ChatRequest {
+    /// The conversation with text content only.
+    pub fn conversation(&self) -> Result<Vec<ChatMessage>, ApiError> {
+        if self.messages.is_empty() {
+            return Err(ApiError::invalid("messages", "messages must not be empty"));
+        }
+        self.messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let content = match &m.content {
+                    None => String::new(),
+                    Some(Content::Text(t)) => t.clone(),
+                    Some(Content::Parts(parts)) => {
+                        let mut text = String::new();
+                        for part in parts {
+                            match (part.kind.as_str(), &part.text) {
+                                ("text", Some(t)) => text.push_str(t),
+                                (kind, _) => {
+                                    return Err(ApiError::invalid(
+                                        format!("messages[{i}].content"),
+                                        format!("content parts of type {kind:?} are not supported"),
+                                    ));
+                                }
+                            }
+                        }
+                        text
+                    }
+                };
+                Ok(ChatMessage {
+                    role: m.role.clone(),
+                    content,
+                })
+            })
+            .collect()
+    }
+}
+
+/// The `usage` object, with `prompt_tokens_details.cached_tokens`.
+pub fn usage_json(usage: &Usage) -> Value {
+    json!({
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": { "cached_tokens": usage.cached_tokens },
+    })
+}
+
+/// Which endpoint a response is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/v1/completions`.
+    Completions,
+    /// `/v1/chat/completions`.
+    Chat,
+}
+
+/// Identity of one response: id, model, creation time.
+#[derive(Clone, Debug)]
+pub struct ResponseMeta {
+    /// Response id.
+    pub id: String,
+    /// Model name.
+    pub model: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// Endpoint.
+    pub endpoint: Endpoint,
+}
+
+impl ResponseMeta {
+    /// The whole (non-streaming) response.
+    pub fn full(&self, text: &str, finish: FinishReason, usage: &Usage) -> Value {
+        let choice = match self.endpoint {
+            Endpoint::Completions => json!({
+                "index": 0, "text": text, "logprobs": null, "finish_reason": finish.as_str(),
+            }),
+            Endpoint::Chat => json!({
+                "index": 0,
+                "message": { "role": "assistant", "content": text },
+                "logprobs": null,
+                "finish_reason": finish.as_str(),
+            }),
+        };
+        json!({
+            "id": self.id,
+            "object": self.object(false),
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": usage_json(usage),
+        })
+    }
+
+    /// A streaming chunk with new text (and, on the last one, the finish reason).
+    pub fn chunk(&self, text: Option<&str>, first: bool, finish: Option<FinishReason>) -> Value {
+        let finish = finish.map(FinishReason::as_str);
+        let choice = match self.endpoint {
+            Endpoint::Completions => json!({
+                "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish,
+            }),
+            Endpoint::Chat => {
+                let mut delta = serde_json::Map::new();
+                if first {
+                    delta.insert("role".into(), json!("assistant"));
+                }
+                if let Some(t) = text {
+                    delta.insert("content".into(), json!(t));
+                }
+                json!({ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish })
+            }
+        };
+        json!({
+            "id": self.id,
+            "object": self.object(true),
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        })
+    }
+
+    /// The usage chunk that ends a stream when `include_usage` was asked for.
+    pub fn usage_chunk(&self, usage: &Usage) -> Value {
+        json!({
+            "id": self.id,
+            "object": self.object(true),
+            "created": self.created,
+            "model": self.model,
+            "choices": [],
+            "usage": usage_json(usage),
+        })
+    }
+
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.endpoint, chunk) {
+            (Endpoint::Completions, _) => "text_completion",
+            (Endpoint::Chat, false) => "chat.completion",
+            (Endpoint::Chat, true) => "chat.completion.chunk",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrong_types_name_the_field() {
+        let e = parse::<CompletionRequest>(br#"{"model":"m","prompt":"x","max_tokens":"ten"}"#)
+            .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("max_tokens"), "{e:?}");
+        let e = parse::<CompletionRequest>(br#"{"prompt":"x"}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("model"), "{e:?}");
+        let e = parse::<ChatRequest>(br#"{"model":"m","messages":[{"role":1}]}"#).unwrap_err();
+        assert!(e.param.as_deref().unwrap().starts_with("messages[0]"), "{e:?}");
+        assert!(parse::<ChatRequest>(b"{not json").is_err());
+    }
+
+    #[test]
+    fn validation_rejects_unsupported_and_out_of_range() {
+        let p = |json: &str| parse::<CommonParams>(json.as_bytes()).unwrap().validate(16);
+        assert_eq!(p(r#"{"n":2}"#).unwrap_err().param.as_deref(), Some("n"));
+        assert_eq!(p(r#"{"temperature":3}"#).unwrap_err().param.as_deref(), Some("temperature"));
+        assert_eq!(p(r#"{"top_p":0}"#).unwrap_err().param.as_deref(), Some("top_p"));
+        assert_eq!(p(r#"{"max_tokens":0}"#).unwrap_err().param.as_deref(), Some("max_tokens"));
+        let g = p(r#"{"stop":"\n","seed":3,"stream":true,"stream_options":{"include_usage":true}}"#)
+            .unwrap();
+        assert_eq!(g.stop, vec!["\n".to_string()]);
+        assert_eq!(g.sampling.seed, Some(3));
+        assert_eq!(g.sampling.max_tokens, 16);
+        assert!(g.include_usage);
+    }
+}

@@ -1,0 +1,229 @@
+//! Submits a tokenised request over NATS and yields its token stream in order.
+//!
+//! The stream subscription is made before the request is published, so nothing is missed.
+//! Messages are reordered by `seq`; duplicates are dropped; a gap that does not fill, or
+//! silence longer than the idle timeout, ends the stream with an error. Dropping a
+//! [`Generation`] before its end (client gone, stop string hit) broadcasts a cancellation so
+//! the worker stops computing it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_nats::{Client, Subscriber, jetstream};
+use futures::StreamExt;
+use preble_protocol::{
+    Cancel, ErrorCode, FinishReason, GenerateRequest, SamplingParams, StreamBody, StreamMessage,
+    Subjects, Usage, decode, encode,
+};
+use tracing::warn;
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+
+/// Messages held past a missing one before the stream is declared broken.
+const MAX_REORDER: usize = 256;
+
+/// What a generation yields.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RelayEvent {
+    /// New tokens.
+    Tokens(Vec<u32>),
+    /// The end.
+    Final {
+        /// Why it stopped.
+        finish_reason: FinishReason,
+        /// Token counts.
+        usage: Usage,
+    },
+}
+
+/// Publishes requests and opens their streams.
+#[derive(Clone)]
+pub struct Relay {
+    client: Client,
+    jetstream: jetstream::Context,
+    subjects: Subjects,
+    idle_timeout: Duration,
+    metrics: Metrics,
+}
+
+impl Relay {
+    /// A relay over `client`.
+    pub fn new(client: Client, subjects: Subjects, idle_timeout: Duration, metrics: Metrics) -> Self {
+        Self {
+            jetstream: jetstream::new(client.clone()),
+            client,
+            subjects,
+            idle_timeout,
+            metrics,
+        }
+    }
+
+    /// Submits a request; its stream starts immediately.
+    pub async fn submit(
+        &self,
+        model: &str,
+        prompt_tokens: Vec<u32>,
+        sampling: SamplingParams,
+        user: Option<String>,
+    ) -> Result<Generation, ApiError> {
+        let request_id = uuid::Uuid::new_v4().simple().to_string();
+        let stream_subject = self.subjects.stream(&request_id);
+        let subscription = self
+            .client
+            .subscribe(stream_subject.clone())
+            .await
+            .map_err(|e| ApiError::new(ErrorCode::Overloaded, format!("message bus unavailable: {e}")))?;
+        let mut request = GenerateRequest::new(
+            request_id.clone(),
+            model.to_string(),
+            prompt_tokens,
+            sampling,
+            stream_subject,
+        );
+        request.submitted_at_ms = preble_telemetry::unix_ms();
+        request.user = user;
+        let ack = self
+            .jetstream
+            .publish(self.subjects.requests(), encode(&request).into())
+            .await
+            .map_err(|e| ApiError::new(ErrorCode::Overloaded, format!("request queue unavailable: {e}")))?;
+        ack.await
+            .map_err(|e| ApiError::new(ErrorCode::Overloaded, format!("request queue did not confirm: {e}")))?;
+        Ok(Generation {
+            guard: CancelGuard {
+                client: self.client.clone(),
+                subject: self.subjects.cancel(),
+                request_id: request_id.clone(),
+                armed: true,
+            },
+            request_id,
+            subscription,
+            buffer: BTreeMap::new(),
+            next_seq: 0,
+            idle_timeout: self.idle_timeout,
+            metrics: self.metrics.clone(),
+            finished: false,
+        })
+    }
+}
+
+/// Broadcasts a cancellation when dropped while armed.
+struct CancelGuard {
+    client: Client,
+    subject: String,
+    request_id: String,
+    armed: bool,
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let client = self.client.clone();
+        let subject = std::mem::take(&mut self.subject);
+        let cancel = Cancel::new(std::mem::take(&mut self.request_id), "client went away");
+        runtime.spawn(async move {
+            if let Err(e) = client.publish(subject, encode(&cancel).into()).await {
+                warn!(error = %e, "failed to publish a cancellation");
+            }
+        });
+    }
+}
+
+/// The token stream of one submitted request.
+pub struct Generation {
+    request_id: String,
+    subscription: Subscriber,
+    buffer: BTreeMap<u64, StreamBody>,
+    next_seq: u64,
+    idle_timeout: Duration,
+    metrics: Metrics,
+    finished: bool,
+    guard: CancelGuard,
+}
+
+impl Generation {
+    /// The request id.
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    /// The next event; `None` after the end.
+    pub async fn next(&mut self) -> Option<Result<RelayEvent, ApiError>> {
+        if self.finished {
+            return None;
+        }
+        loop {
+            if let Some(body) = self.buffer.remove(&self.next_seq) {
+                self.next_seq += 1;
+                return Some(self.deliver(body));
+            }
+            if self.buffer.len() > MAX_REORDER {
+                return Some(self.fail(ApiError::new(
+                    ErrorCode::Internal,
+                    format!("token stream lost message {}", self.next_seq),
+                )));
+            }
+            let message = match tokio::time::timeout(self.idle_timeout, self.subscription.next()).await {
+                Err(_) => {
+                    return Some(self.fail(ApiError::new(
+                        ErrorCode::Timeout,
+                        format!("no tokens for {} s", self.idle_timeout.as_secs()),
+                    )));
+                }
+                Ok(None) => {
+                    return Some(self.fail(ApiError::new(ErrorCode::Internal, "message bus closed")));
+                }
+                Ok(Some(message)) => message,
+            };
+            let message = match decode::<StreamMessage>(&message.payload) {
+                Ok(m) if m.request_id == self.request_id => m,
+                Ok(_) | Err(_) => {
+                    self.metrics.malformed_messages.inc();
+                    warn!(request = %self.request_id, "malformed or foreign message on a token stream");
+                    continue;
+                }
+            };
+            if let StreamBody::Error { .. } = message.body {
+                return Some(self.deliver(message.body));
+            }
+            if message.seq < self.next_seq || self.buffer.contains_key(&message.seq) {
+                self.metrics.duplicate_messages.inc();
+                continue;
+            }
+            self.buffer.insert(message.seq, message.body);
+        }
+    }
+
+    fn deliver(&mut self, body: StreamBody) -> Result<RelayEvent, ApiError> {
+        match body {
+            StreamBody::Tokens { token_ids } => Ok(RelayEvent::Tokens(token_ids)),
+            StreamBody::Final {
+                finish_reason,
+                usage,
+                ..
+            } => {
+                self.finished = true;
+                self.guard.armed = false;
+                Ok(RelayEvent::Final {
+                    finish_reason,
+                    usage,
+                })
+            }
+            StreamBody::Error { code, message } => {
+                self.guard.armed = false;
+                self.fail(ApiError::new(code, message))
+            }
+        }
+    }
+
+    fn fail(&mut self, error: ApiError) -> Result<RelayEvent, ApiError> {
+        self.finished = true;
+        Err(error)
+    }
+}
