@@ -1,0 +1,263 @@
+//! Harness for the end-to-end tests: starts the real service binaries against the real NATS on
+//! 127.0.0.1:4222, each cluster under its own subject prefix and ports so tests run in
+//! parallel, and stops them when dropped.
+//!
+//! The binaries must be built first (`make test` does: `cargo build --workspace --bins`).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// NATS URL the tests use.
+pub const NATS_URL: &str = "nats://127.0.0.1:4222";
+
+/// Path of a workspace binary; panics with a clear message when it is not built.
+pub fn binary(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let path = target.join(profile).join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`; `make test` does)",
+        path.display()
+    );
+    path
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// How to start a test cluster.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Simulated workers.
+    pub workers: usize,
+    /// Whether to start a scheduler.
+    pub scheduler: bool,
+    /// Sim time multiplier.
+    pub time_scale: f64,
+    /// Extra gateway environment variables.
+    pub gateway_env: Vec<(String, String)>,
+    /// Extra scheduler flags.
+    pub scheduler_args: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            workers: 2,
+            scheduler: true,
+            time_scale: 0.05,
+            gateway_env: Vec::new(),
+            scheduler_args: Vec::new(),
+        }
+    }
+}
+
+/// A running worker process.
+pub struct Worker {
+    /// Its id.
+    pub id: String,
+    /// Its `/metrics` URL.
+    pub metrics_url: String,
+    child: Child,
+}
+
+impl Worker {
+    /// Kills the process at once (no drain), like a crash.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running cluster: gateway, optional scheduler, sim workers.
+pub struct TestCluster {
+    /// Subject prefix.
+    pub prefix: String,
+    /// Gateway base URL (`http://127.0.0.1:PORT`).
+    pub gateway: String,
+    /// Scheduler `/metrics` URL.
+    pub scheduler_metrics: String,
+    /// Workers.
+    pub workers: Vec<Worker>,
+    /// Model name.
+    pub model: String,
+    children: Vec<Child>,
+    /// Where logs and the model live.
+    pub dir: tempfile::TempDir,
+}
+
+impl TestCluster {
+    /// Starts a cluster and waits until the gateway answers and every worker is registered.
+    pub async fn start(options: Options) -> Result<TestCluster> {
+        let dir = tempfile::tempdir()?;
+        let model_dir = dir.path().join("preble-sim");
+        preble_modelgen::write_sim_model(&model_dir, &preble_modelgen::SimModelOptions::default())?;
+        let prefix = format!("t{}.preble.v1", uuid::Uuid::new_v4().simple());
+        let log = |name: &str| -> Result<Stdio> {
+            Ok(Stdio::from(std::fs::File::create(dir.path().join(format!("{name}.log")))?))
+        };
+        let mut children = Vec::new();
+        let scheduler_port = free_port();
+        if options.scheduler {
+            children.push(
+                Command::new(binary("preble-scheduler"))
+                    .args(["--nats-url", NATS_URL, "--subject-prefix", &prefix])
+                    .args(["--http-addr", &format!("127.0.0.1:{scheduler_port}")])
+                    .args(["--no-worker-wait-ms", "500", "--dispatch-timeout-ms", "500"])
+                    .args(&options.scheduler_args)
+                    .stdout(Stdio::null())
+                    .stderr(log("scheduler")?)
+                    .spawn()
+                    .context("starting the scheduler")?,
+            );
+        }
+        let mut workers = Vec::new();
+        for i in 0..options.workers {
+            let port = free_port();
+            let id = format!("gpu-{i}");
+            let child = Command::new(binary("preble-worker"))
+                .args(["--nats-url", NATS_URL, "--subject-prefix", &prefix, "--worker-id", &id])
+                .arg("--model-dir")
+                .arg(&model_dir)
+                .args(["--http-addr", &format!("127.0.0.1:{port}")])
+                .args(["--time-scale", &options.time_scale.to_string(), "--heartbeat-ms", "100"])
+                .stdout(Stdio::null())
+                .stderr(log(&id)?)
+                .spawn()
+                .context("starting a worker")?;
+            workers.push(Worker {
+                id,
+                metrics_url: format!("http://127.0.0.1:{port}/metrics"),
+                child,
+            });
+        }
+        let gateway_port = free_port();
+        let mut gateway = Command::new(binary("preble-gateway"));
+        gateway
+            .args(["--nats-url", NATS_URL, "--subject-prefix", &prefix])
+            .arg("--model-dir")
+            .arg(&model_dir)
+            .args(["--http-addr", &format!("127.0.0.1:{gateway_port}")])
+            .args(["--stream-idle-timeout-s", "20"])
+            .stdout(Stdio::null())
+            .stderr(log("gateway")?);
+        for (k, v) in &options.gateway_env {
+            gateway.env(k, v);
+        }
+        children.push(gateway.spawn().context("starting the gateway")?);
+        let cluster = TestCluster {
+            prefix,
+            gateway: format!("http://127.0.0.1:{gateway_port}"),
+            scheduler_metrics: format!("http://127.0.0.1:{scheduler_port}/metrics"),
+            workers,
+            model: "preble-sim".into(),
+            children,
+            dir,
+        };
+        cluster.wait_ready(options.scheduler, options.workers).await?;
+        Ok(cluster)
+    }
+
+    async fn wait_ready(&self, scheduler: bool, workers: usize) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let http = reqwest::Client::new();
+        loop {
+            let gateway_up = http
+                .get(format!("{}/health", self.gateway))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            let workers_up = !scheduler
+                || scrape(&self.scheduler_metrics, "preble:scheduler_live_workers")
+                    .await
+                    .is_ok_and(|n| n as usize == workers);
+            let workers_http = futures::future::join_all(
+                self.workers.iter().map(|w| scrape(&w.metrics_url, "preble:iterations_total")),
+            )
+            .await
+            .iter()
+            .all(Result::is_ok);
+            if gateway_up && workers_up && workers_http {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("cluster did not become ready; logs in {}:\n{}", self.dir.path().display(), self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Every log of the cluster, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
+            for e in entries.flatten() {
+                if e.path().extension().is_some_and(|x| x == "log") {
+                    let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                    let tail: String = text.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+                    out.push_str(&format!("--- {}\n{}\n", e.path().display(), tail));
+                }
+            }
+        }
+        out
+    }
+
+    /// Sum of a metric over every worker.
+    pub async fn worker_sum(&self, metric: &str) -> f64 {
+        let mut total = 0.0;
+        for w in &self.workers {
+            total += scrape(&w.metrics_url, metric).await.unwrap_or(0.0);
+        }
+        total
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for w in &mut self.workers {
+            w.kill();
+        }
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Reads one sample (the sum over all label sets) of `metric` from a Prometheus endpoint.
+pub async fn scrape(url: &str, metric: &str) -> Result<f64> {
+    let text = reqwest::get(url).await?.text().await?;
+    let mut found = false;
+    let mut total = 0.0;
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+        if &line[..name_end] == metric {
+            found = true;
+            let value = line.rsplit(' ').next().unwrap_or("0");
+            total += value.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    if !found {
+        // A labelled counter with no samples yet, or a missing metric: report zero only when
+        // the metric family is declared.
+        if text.contains(&format!("# TYPE {metric} ")) {
+            return Ok(0.0);
+        }
+        bail!("metric {metric} not found at {url}");
+    }
+    Ok(total)
+}

@@ -132,7 +132,7 @@ async fn list_models(State(state): State<Arc<AppState>>) -> Json<serde_json::Val
 
 async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
     let result = async {
-        let request: CompletionRequest = openai::parse(&body)?;
+        let request: CompletionRequest = openai::parse_request(&body)?;
         let generation = request.params.validate(16)?;
         let model = state.models.get(&request.model)?;
         let prompt = match request.prompt {
@@ -152,7 +152,7 @@ async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Respons
 
 async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
     let result = async {
-        let request: ChatRequest = openai::parse(&body)?;
+        let request: ChatRequest = openai::parse_request(&body)?;
         let model = state.models.get(&request.model)?;
         let conversation = request.conversation()?;
         let text = model.render_chat(&conversation)?;

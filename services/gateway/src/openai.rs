@@ -74,8 +74,8 @@ pub struct CompletionRequest {
     pub model: String,
     /// The prompt.
     pub prompt: Prompt,
-    /// The rest.
-    #[serde(flatten)]
+    /// The rest (parsed separately: serde's `flatten` would lose the path of a bad field).
+    #[serde(skip)]
     pub params: CommonParams,
 }
 
@@ -115,15 +115,47 @@ pub struct ChatRequest {
     pub model: String,
     /// The conversation.
     pub messages: Vec<ChatMessageIn>,
-    /// The rest.
-    #[serde(flatten)]
+    /// The rest (parsed separately: serde's `flatten` would lose the path of a bad field).
+    #[serde(skip)]
     pub params: CommonParams,
+}
+
+/// A request body with the common parameters beside its own fields.
+pub trait WithParams: serde::de::DeserializeOwned {
+    /// Where the common parameters go.
+    fn params_mut(&mut self) -> &mut CommonParams;
+}
+
+impl WithParams for CompletionRequest {
+    fn params_mut(&mut self) -> &mut CommonParams {
+        &mut self.params
+    }
+}
+
+impl WithParams for ChatRequest {
+    fn params_mut(&mut self) -> &mut CommonParams {
+        &mut self.params
+    }
+}
+
+/// Parses a request body and its common parameters, naming the offending field in errors.
+pub fn parse_request<T: WithParams>(body: &[u8]) -> Result<T, ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid("body", format!("the body is not valid JSON: {e}")))?;
+    let mut request: T = parse_value(&value)?;
+    *request.params_mut() = parse_value(&value)?;
+    Ok(request)
 }
 
 /// Parses a JSON body, naming the offending field in the error.
 pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let mut de = serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid("body", format!("the body is not valid JSON: {e}")))?;
+    parse_value(&value)
+}
+
+fn parse_value<T: serde::de::DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let param = if path == "." || path.is_empty() {
@@ -357,14 +389,23 @@ mod tests {
 
     #[test]
     fn wrong_types_name_the_field() {
-        let e = parse::<CompletionRequest>(br#"{"model":"m","prompt":"x","max_tokens":"ten"}"#)
-            .unwrap_err();
+        let e = parse_request::<CompletionRequest>(
+            br#"{"model":"m","prompt":"x","max_tokens":"ten"}"#,
+        )
+        .unwrap_err();
         assert_eq!(e.param.as_deref(), Some("max_tokens"), "{e:?}");
-        let e = parse::<CompletionRequest>(br#"{"prompt":"x"}"#).unwrap_err();
+        let e = parse_request::<CompletionRequest>(br#"{"prompt":"x"}"#).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("model"), "{e:?}");
-        let e = parse::<ChatRequest>(br#"{"model":"m","messages":[{"role":1}]}"#).unwrap_err();
+        let e = parse_request::<ChatRequest>(br#"{"model":"m","messages":[{"role":1}]}"#)
+            .unwrap_err();
         assert!(e.param.as_deref().unwrap().starts_with("messages[0]"), "{e:?}");
-        assert!(parse::<ChatRequest>(b"{not json").is_err());
+        let e = parse_request::<ChatRequest>(b"{not json").unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("body"));
+        let ok = parse_request::<ChatRequest>(
+            br#"{"model":"m","messages":[{"role":"user","content":"x"}],"seed":4}"#,
+        )
+        .unwrap();
+        assert_eq!(ok.params.seed, Some(4));
     }
 
     #[test]

@@ -120,7 +120,7 @@ impl StopMatcher {
 pub enum TextEvent {
     /// New text and the tokens it came from.
     Delta {
-        /// The text (never empty).
+        /// The text (empty only for the last tokens of a stream that decode to nothing).
         text: String,
         /// The tokens.
         token_ids: Vec<u32>,
@@ -144,6 +144,7 @@ pub struct TextGeneration {
     completion_tokens: u32,
     done: bool,
     pending_done: Option<(FinishReason, Usage)>,
+    unsent_ids: Vec<u32>,
 }
 
 impl TextGeneration {
@@ -158,6 +159,7 @@ impl TextGeneration {
             completion_tokens: 0,
             done: false,
             pending_done: None,
+            unsent_ids: Vec::new(),
         }
     }
 
@@ -181,6 +183,7 @@ impl TextGeneration {
             match event {
                 RelayEvent::Tokens(ids) => {
                     self.completion_tokens += ids.len() as u32;
+                    self.unsent_ids.extend_from_slice(&ids);
                     let text = match self.detokenizer.push(&self.model, &ids) {
                         Ok(t) => t,
                         Err(e) => return Some(Err(e)),
@@ -195,10 +198,12 @@ impl TextGeneration {
                             cached_tokens: 0,
                             completion_tokens: self.completion_tokens,
                         };
+                        let ids = std::mem::take(&mut self.unsent_ids);
                         return Some(Ok(self.with_text(text, ids, FinishReason::Stop, usage)));
                     }
                     if !text.is_empty() {
-                        return Some(Ok(TextEvent::Delta { text, token_ids: ids }));
+                        let token_ids = std::mem::take(&mut self.unsent_ids);
+                        return Some(Ok(TextEvent::Delta { text, token_ids }));
                     }
                 }
                 RelayEvent::Final {
@@ -211,7 +216,8 @@ impl TextGeneration {
                         Err(e) => return Some(Err(e)),
                     };
                     tail.push_str(&self.stop.finish());
-                    return Some(Ok(self.with_text(tail, Vec::new(), finish_reason, usage)));
+                    let ids = std::mem::take(&mut self.unsent_ids);
+                    return Some(Ok(self.with_text(tail, ids, finish_reason, usage)));
                 }
             }
         }
@@ -219,7 +225,7 @@ impl TextGeneration {
 
     /// A final event, preceded by leftover text when there is some.
     fn with_text(&mut self, text: String, token_ids: Vec<u32>, finish_reason: FinishReason, usage: Usage) -> TextEvent {
-        if text.is_empty() {
+        if text.is_empty() && token_ids.is_empty() {
             TextEvent::Done { finish_reason, usage }
         } else {
             self.pending_done = Some((finish_reason, usage));

@@ -1,0 +1,73 @@
+//! HTTP helpers shared by the end-to-end tests.
+#![allow(dead_code)]
+
+use futures::StreamExt;
+use serde_json::Value;
+
+/// POSTs JSON; returns the status and the body as JSON.
+pub async fn post(base: &str, path: &str, body: &Value) -> (u16, Value) {
+    post_raw(base, path, body.to_string(), None).await
+}
+
+/// POSTs a raw body, optionally with a bearer key.
+pub async fn post_raw(base: &str, path: &str, body: String, key: Option<&str>) -> (u16, Value) {
+    let mut request = reqwest::Client::new()
+        .post(format!("{base}{path}"))
+        .header("content-type", "application/json")
+        .body(body);
+    if let Some(key) = key {
+        request = request.header("authorization", format!("Bearer {key}"));
+    }
+    let response = request.send().await.expect("gateway answers");
+    let status = response.status().as_u16();
+    let text = response.text().await.expect("body");
+    let json = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
+    (status, json)
+}
+
+/// POSTs a streaming request and collects every SSE `data:` payload (the last is `[DONE]`).
+pub async fn stream(base: &str, path: &str, body: &Value) -> (u16, Vec<String>) {
+    let response = reqwest::Client::new()
+        .post(format!("{base}{path}"))
+        .json(body)
+        .send()
+        .await
+        .expect("gateway answers");
+    let status = response.status().as_u16();
+    let mut bytes = response.bytes_stream();
+    let mut buffer = String::new();
+    while let Some(chunk) = bytes.next().await {
+        buffer.push_str(&String::from_utf8_lossy(&chunk.expect("stream chunk")));
+    }
+    let data = buffer
+        .split("\n\n")
+        .filter_map(|event| {
+            event
+                .lines()
+                .find_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+                .map(str::to_string)
+        })
+        .collect();
+    (status, data)
+}
+
+/// The text of a streamed completion or chat, from its chunks.
+pub fn streamed_text(events: &[String]) -> String {
+    events
+        .iter()
+        .filter(|e| e.as_str() != "[DONE]")
+        .map(|e| serde_json::from_str::<Value>(e).expect("chunk is JSON"))
+        .filter_map(|v| {
+            let choice = v["choices"].get(0)?.clone();
+            choice["text"]
+                .as_str()
+                .or_else(|| choice["delta"]["content"].as_str())
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+/// The error code of an OpenAI error body.
+pub fn code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or_else(|| panic!("not an error body: {body}"))
+}
