@@ -18,7 +18,11 @@ pub fn binary(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
     let path = target.join(profile).join(name);
     assert!(
         path.exists(),
@@ -105,7 +109,9 @@ impl TestCluster {
         preble_modelgen::write_sim_model(&model_dir, &preble_modelgen::SimModelOptions::default())?;
         let prefix = format!("t{}.preble.v1", uuid::Uuid::new_v4().simple());
         let log = |name: &str| -> Result<Stdio> {
-            Ok(Stdio::from(std::fs::File::create(dir.path().join(format!("{name}.log")))?))
+            Ok(Stdio::from(std::fs::File::create(
+                dir.path().join(format!("{name}.log")),
+            )?))
         };
         let mut children = Vec::new();
         let scheduler_port = free_port();
@@ -127,11 +133,23 @@ impl TestCluster {
             let port = free_port();
             let id = format!("gpu-{i}");
             let child = Command::new(binary("preble-worker"))
-                .args(["--nats-url", NATS_URL, "--subject-prefix", &prefix, "--worker-id", &id])
+                .args([
+                    "--nats-url",
+                    NATS_URL,
+                    "--subject-prefix",
+                    &prefix,
+                    "--worker-id",
+                    &id,
+                ])
                 .arg("--model-dir")
                 .arg(&model_dir)
                 .args(["--http-addr", &format!("127.0.0.1:{port}")])
-                .args(["--time-scale", &options.time_scale.to_string(), "--heartbeat-ms", "100"])
+                .args([
+                    "--time-scale",
+                    &options.time_scale.to_string(),
+                    "--heartbeat-ms",
+                    "100",
+                ])
                 .stdout(Stdio::null())
                 .stderr(log(&id)?)
                 .spawn()
@@ -165,7 +183,9 @@ impl TestCluster {
             children,
             dir,
         };
-        cluster.wait_ready(options.scheduler, options.workers).await?;
+        cluster
+            .wait_ready(options.scheduler, options.workers)
+            .await?;
         Ok(cluster)
     }
 
@@ -183,7 +203,9 @@ impl TestCluster {
                     .await
                     .is_ok_and(|n| n as usize == workers);
             let workers_http = futures::future::join_all(
-                self.workers.iter().map(|w| scrape(&w.metrics_url, "preble:iterations_total")),
+                self.workers
+                    .iter()
+                    .map(|w| scrape(&w.metrics_url, "preble:iterations_total")),
             )
             .await
             .iter()
@@ -192,7 +214,11 @@ impl TestCluster {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("cluster did not become ready; logs in {}:\n{}", self.dir.path().display(), self.logs());
+                bail!(
+                    "cluster did not become ready; logs in {}:\n{}",
+                    self.dir.path().display(),
+                    self.logs()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -205,7 +231,15 @@ impl TestCluster {
             for e in entries.flatten() {
                 if e.path().extension().is_some_and(|x| x == "log") {
                     let text = std::fs::read_to_string(e.path()).unwrap_or_default();
-                    let tail: String = text.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+                    let tail: String = text
+                        .lines()
+                        .rev()
+                        .take(30)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                        .collect::<Vec<_>>()
+                        .join("\n");
                     out.push_str(&format!("--- {}\n{}\n", e.path().display(), tail));
                 }
             }

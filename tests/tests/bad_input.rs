@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use preble_protocol::{StreamBody, StreamMessage, Subjects, decode};
+use preble_protocol::{Subjects, decode};
 use preble_tests::{Options, TestCluster, scrape};
 use serde_json::json;
 
@@ -16,41 +16,91 @@ async fn malformed_and_invalid_http_requests_get_openai_errors() {
     assert_eq!((status, code(&body)), (400, "invalid_request"));
     assert_eq!(body["error"]["type"], "invalid_request_error");
 
-    let (status, body) = post(&c.gateway, "/v1/completions", &json!({"model": c.model, "prompt": "x", "max_tokens": "ten"})).await;
+    let (status, body) = post(
+        &c.gateway,
+        "/v1/completions",
+        &json!({"model": c.model, "prompt": "x", "max_tokens": "ten"}),
+    )
+    .await;
     assert_eq!((status, code(&body)), (400, "invalid_request"));
     assert_eq!(body["error"]["param"], "max_tokens");
 
-    let (status, body) = post(&c.gateway, "/v1/chat/completions", &json!({"model": c.model})).await;
+    let (status, body) = post(
+        &c.gateway,
+        "/v1/chat/completions",
+        &json!({"model": c.model}),
+    )
+    .await;
     assert_eq!((status, code(&body)), (400, "invalid_request"));
     assert_eq!(body["error"]["param"], "messages");
 
-    let (status, body) = post(&c.gateway, "/v1/completions", &json!({"model": "gpt-9", "prompt": "x"})).await;
+    let (status, body) = post(
+        &c.gateway,
+        "/v1/completions",
+        &json!({"model": "gpt-9", "prompt": "x"}),
+    )
+    .await;
     assert_eq!((status, code(&body)), (404, "model_not_found"));
 
-    let (status, body) = post(&c.gateway, "/v1/completions", &json!({"model": c.model, "prompt": "x", "max_tokens": 40000})).await;
+    let (status, body) = post(
+        &c.gateway,
+        "/v1/completions",
+        &json!({"model": c.model, "prompt": "x", "max_tokens": 40000}),
+    )
+    .await;
     assert_eq!((status, code(&body)), (400, "context_length_exceeded"));
 
-    let (status, body) = post(&c.gateway, "/v1/chat/completions", &json!({"model": c.model, "messages": [{"role": "user", "content": "x"}], "n": 2})).await;
+    let (status, body) = post(
+        &c.gateway,
+        "/v1/chat/completions",
+        &json!({"model": c.model, "messages": [{"role": "user", "content": "x"}], "n": 2}),
+    )
+    .await;
     assert_eq!((status, code(&body)), (400, "invalid_request"));
     assert_eq!(body["error"]["param"], "n");
 
-    let (status, body) = post(&c.gateway, "/v1/completions", &json!({"model": c.model, "prompt": [1, 99999999]})).await;
+    let (status, body) = post(
+        &c.gateway,
+        "/v1/completions",
+        &json!({"model": c.model, "prompt": [1, 99999999]}),
+    )
+    .await;
     assert_eq!((status, code(&body)), (400, "invalid_request"));
 
     // Still serving.
-    let (status, _) = post(&c.gateway, "/v1/completions", &json!({"model": c.model, "prompt": "x", "max_tokens": 2})).await;
+    let (status, _) = post(
+        &c.gateway,
+        "/v1/completions",
+        &json!({"model": c.model, "prompt": "x", "max_tokens": 2}),
+    )
+    .await;
     assert_eq!(status, 200);
 }
 
 #[tokio::test]
 async fn no_live_worker_is_overloaded_after_a_bounded_wait() {
-    let c = TestCluster::start(Options { workers: 0, ..Options::default() }).await.unwrap();
+    let c = TestCluster::start(Options {
+        workers: 0,
+        ..Options::default()
+    })
+    .await
+    .unwrap();
     let started = std::time::Instant::now();
-    let (status, body) = post(&c.gateway, "/v1/completions", &json!({"model": c.model, "prompt": "x", "max_tokens": 2})).await;
+    let (status, body) = post(
+        &c.gateway,
+        "/v1/completions",
+        &json!({"model": c.model, "prompt": "x", "max_tokens": 2}),
+    )
+    .await;
     assert_eq!((status, code(&body)), (503, "overloaded"), "{body}");
     assert!(started.elapsed() < Duration::from_secs(10));
     // Streaming requests get the status too, not a broken stream.
-    let (status, _) = stream(&c.gateway, "/v1/completions", &json!({"model": c.model, "prompt": "x", "max_tokens": 2, "stream": true})).await;
+    let (status, _) = stream(
+        &c.gateway,
+        "/v1/completions",
+        &json!({"model": c.model, "prompt": "x", "max_tokens": 2, "stream": true}),
+    )
+    .await;
     assert_eq!(status, 503);
 }
 
@@ -69,7 +119,9 @@ async fn api_keys_are_enforced_when_configured() {
     assert_eq!(status, 401);
     let (status, _) = post_raw(&c.gateway, "/v1/completions", body, Some("k2")).await;
     assert_eq!(status, 200);
-    let models = reqwest::get(format!("{}/v1/models", c.gateway)).await.unwrap();
+    let models = reqwest::get(format!("{}/v1/models", c.gateway))
+        .await
+        .unwrap();
     assert_eq!(models.status().as_u16(), 401);
     let health = reqwest::get(format!("{}/health", c.gateway)).await.unwrap();
     assert_eq!(health.status().as_u16(), 200, "health needs no key");
@@ -82,36 +134,77 @@ async fn malformed_nats_messages_are_logged_answered_and_survived() {
     let s = Subjects::new(&c.prefix);
     // The requests stream: dropped (nobody to answer), the scheduler keeps routing.
     let js = async_nats::jetstream::new(client.clone());
-    js.publish(s.requests(), "garbage".into()).await.unwrap().await.unwrap();
+    js.publish(s.requests(), "garbage".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
     // A worker's dispatch subject: answered with a rejection.
-    let reply = client.request(s.worker("gpu-0"), "garbage".into()).await.unwrap();
+    let reply = client
+        .request(s.worker("gpu-0"), "garbage".into())
+        .await
+        .unwrap();
     let reply: preble_protocol::DispatchReply = decode(&reply.payload).unwrap();
-    assert!(matches!(reply.outcome, preble_protocol::DispatchOutcome::Rejected { code: preble_protocol::ErrorCode::InvalidRequest, .. }));
+    assert!(matches!(
+        reply.outcome,
+        preble_protocol::DispatchOutcome::Rejected {
+            code: preble_protocol::ErrorCode::InvalidRequest,
+            ..
+        }
+    ));
     // Events, cancellations, a token stream nobody asked for.
-    client.publish(s.events("gpu-0"), "garbage".into()).await.unwrap();
+    client
+        .publish(s.events("gpu-0"), "garbage".into())
+        .await
+        .unwrap();
     client.publish(s.cancel(), "garbage".into()).await.unwrap();
     client.flush().await.unwrap();
 
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while scrape(&c.scheduler_metrics, "preble:scheduler_malformed_messages_total").await.unwrap() < 2.0 {
-        assert!(std::time::Instant::now() < deadline, "scheduler did not see both malformed messages");
+    while scrape(
+        &c.scheduler_metrics,
+        "preble:scheduler_malformed_messages_total",
+    )
+    .await
+    .unwrap()
+        < 2.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "scheduler did not see both malformed messages"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(c.worker_sum("preble:malformed_messages_total").await >= 2.0);
     for _ in 0..3 {
-        let (status, _) = post(&c.gateway, "/v1/completions", &json!({"model": c.model, "prompt": "still there?", "max_tokens": 3})).await;
+        let (status, _) = post(
+            &c.gateway,
+            "/v1/completions",
+            &json!({"model": c.model, "prompt": "still there?", "max_tokens": 3}),
+        )
+        .await;
         assert_eq!(status, 200);
     }
 }
 
 #[tokio::test]
 async fn a_worker_dying_mid_stream_ends_the_stream_with_worker_lost() {
-    let mut c = TestCluster::start(Options { workers: 1, time_scale: 0.2, ..Options::default() }).await.unwrap();
-    let client = async_nats::connect(preble_tests::NATS_URL).await.unwrap();
+    let mut c = TestCluster::start(Options {
+        workers: 1,
+        time_scale: 0.2,
+        ..Options::default()
+    })
+    .await
+    .unwrap();
     let gateway = c.gateway.clone();
     let model = c.model.clone();
     let streaming = tokio::spawn(async move {
-        stream(&gateway, "/v1/completions", &json!({"model": model, "prompt": "long", "max_tokens": 5000, "stream": true})).await
+        stream(
+            &gateway,
+            "/v1/completions",
+            &json!({"model": model, "prompt": "long", "max_tokens": 5000, "stream": true}),
+        )
+        .await
     });
     // Wait until the worker is generating, then kill it.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -120,11 +213,20 @@ async fn a_worker_dying_mid_stream_ends_the_stream_with_worker_lost() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     c.workers[0].kill();
-    let (status, events) = tokio::time::timeout(Duration::from_secs(15), streaming).await.unwrap().unwrap();
+    let (status, events) = tokio::time::timeout(Duration::from_secs(15), streaming)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(status, 200);
-    let error = events.iter().find(|e| e.contains("\"error\"")).unwrap_or_else(|| panic!("no error event: {events:?}"));
+    let error = events
+        .iter()
+        .find(|e| e.contains("\"error\""))
+        .unwrap_or_else(|| panic!("no error event: {events:?}"));
     assert!(error.contains("worker_lost"), "{error}");
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
     drop(client);
-    let _ = (StreamBody::Tokens { token_ids: vec![] }, StreamMessage::clone);
+    let _ = (
+        StreamBody::Tokens { token_ids: vec![] },
+        StreamMessage::clone,
+    );
 }

@@ -69,5 +69,7 @@ pub fn streamed_text(events: &[String]) -> String {
 
 /// The error code of an OpenAI error body.
 pub fn code(body: &Value) -> &str {
-    body["error"]["code"].as_str().unwrap_or_else(|| panic!("not an error body: {body}"))
+    body["error"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not an error body: {body}"))
 }

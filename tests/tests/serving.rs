@@ -31,7 +31,11 @@ async fn completions_stream_the_same_tokens_as_non_streaming() {
     let (status, events) = stream(&c.gateway, "/v1/completions", &streaming).await;
     assert_eq!(status, 200);
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-    assert_eq!(streamed_text(&events), text, "same seed, same tokens, in order, once");
+    assert_eq!(
+        streamed_text(&events),
+        text,
+        "same seed, same tokens, in order, once"
+    );
     let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
     assert_eq!(usage["choices"], json!([]));
     assert_eq!(usage["usage"]["completion_tokens"], 12);
@@ -67,12 +71,20 @@ async fn chat_applies_the_template_and_streams_deltas() {
     let first: Value = serde_json::from_str(&events[0]).unwrap();
     assert_eq!(first["object"], "chat.completion.chunk");
     assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
-    assert_eq!(streamed_text(&events), full["choices"][0]["message"]["content"].as_str().unwrap());
+    assert_eq!(
+        streamed_text(&events),
+        full["choices"][0]["message"]["content"].as_str().unwrap()
+    );
 }
 
 #[tokio::test]
 async fn two_hundred_concurrent_streams_over_four_workers_all_complete_exactly() {
-    let c = TestCluster::start(Options { workers: 4, ..Options::default() }).await.unwrap();
+    let c = TestCluster::start(Options {
+        workers: 4,
+        ..Options::default()
+    })
+    .await
+    .unwrap();
     let requests = (0..200).map(|i| {
         let gateway = c.gateway.clone();
         let model = c.model.clone();
@@ -90,11 +102,17 @@ async fn two_hundred_concurrent_streams_over_four_workers_all_complete_exactly()
     for (i, text) in streamed.iter().step_by(10) {
         let body = json!({"model": c.model, "prompt": format!("request number {i} asks a question"), "max_tokens": 10, "seed": i});
         let (_, full) = post(&c.gateway, "/v1/completions", &body).await;
-        assert_eq!(&full["choices"][0]["text"].as_str().unwrap(), text, "request {i}");
+        assert_eq!(
+            &full["choices"][0]["text"].as_str().unwrap(),
+            text,
+            "request {i}"
+        );
     }
     // All four workers took part.
     for w in &c.workers {
-        let n = scrape(&w.metrics_url, "preble:requests_accepted_total").await.unwrap();
+        let n = scrape(&w.metrics_url, "preble:requests_accepted_total")
+            .await
+            .unwrap();
         assert!(n >= 10.0, "{} served only {n}", w.id);
     }
 }
@@ -154,7 +172,11 @@ async fn stop_token_ids_and_stop_strings_end_generation() {
     }
 }
 
-async fn nats_generate(client: &async_nats::Client, subjects: &Subjects, request: &ApiRequest) -> Vec<ApiEvent> {
+async fn nats_generate(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    request: &ApiRequest,
+) -> Vec<ApiEvent> {
     let inbox = client.new_inbox();
     let mut sub = client.subscribe(inbox.clone()).await.unwrap();
     client
@@ -164,7 +186,10 @@ async fn nats_generate(client: &async_nats::Client, subjects: &Subjects, request
     let mut events = Vec::new();
     while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(20), sub.next()).await {
         let event: ApiEvent = decode(&m.payload).unwrap();
-        let end = matches!(event.body, ApiEventBody::Done { .. } | ApiEventBody::Error { .. });
+        let end = matches!(
+            event.body,
+            ApiEventBody::Done { .. } | ApiEventBody::Error { .. }
+        );
         events.push(event);
         if end {
             break;
@@ -185,7 +210,11 @@ async fn nats_api_streams_text_and_reports_errors() {
     for (i, e) in events.iter().enumerate() {
         assert_eq!(e.seq, i as u64);
     }
-    let Some(ApiEventBody::Done { finish_reason, usage }) = events.last().map(|e| &e.body) else {
+    let Some(ApiEventBody::Done {
+        finish_reason,
+        usage,
+    }) = events.last().map(|e| &e.body)
+    else {
         panic!("no Done: {events:?}");
     };
     assert_eq!(*finish_reason, FinishReason::Length);
@@ -197,26 +226,61 @@ async fn nats_api_streams_text_and_reports_errors() {
             _ => None,
         })
         .collect();
-    let body = json!({"model": c.model, "prompt": "The capital of France is", "max_tokens": 6, "seed": 7});
+    let body =
+        json!({"model": c.model, "prompt": "The capital of France is", "max_tokens": 6, "seed": 7});
     let (_, full) = post(&c.gateway, "/v1/completions", &body).await;
-    assert_eq!(text, full["choices"][0]["text"].as_str().unwrap(), "HTTP and NATS agree");
+    assert_eq!(
+        text,
+        full["choices"][0]["text"].as_str().unwrap(),
+        "HTTP and NATS agree"
+    );
 
     // Unknown model and malformed bytes get an error event, and the API keeps serving.
     let events = nats_generate(&client, &subjects, &ApiRequest::completion("nope", "x")).await;
-    assert!(matches!(&events[0].body, ApiEventBody::Error { code: preble_protocol::ErrorCode::ModelNotFound, .. }), "{events:?}");
+    assert!(
+        matches!(
+            &events[0].body,
+            ApiEventBody::Error {
+                code: preble_protocol::ErrorCode::ModelNotFound,
+                ..
+            }
+        ),
+        "{events:?}"
+    );
     let inbox = client.new_inbox();
     let mut sub = client.subscribe(inbox.clone()).await.unwrap();
-    client.publish_with_reply(subjects.api_generate(), inbox, "garbage".into()).await.unwrap();
-    let m = tokio::time::timeout(Duration::from_secs(5), sub.next()).await.unwrap().unwrap();
+    client
+        .publish_with_reply(subjects.api_generate(), inbox, "garbage".into())
+        .await
+        .unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .unwrap()
+        .unwrap();
     let event: ApiEvent = decode(&m.payload).unwrap();
-    assert!(matches!(event.body, ApiEventBody::Error { code: preble_protocol::ErrorCode::InvalidRequest, .. }));
+    assert!(matches!(
+        event.body,
+        ApiEventBody::Error {
+            code: preble_protocol::ErrorCode::InvalidRequest,
+            ..
+        }
+    ));
     let events = nats_generate(&client, &subjects, &request).await;
-    assert!(matches!(events.last().unwrap().body, ApiEventBody::Done { .. }));
+    assert!(matches!(
+        events.last().unwrap().body,
+        ApiEventBody::Done { .. }
+    ));
 }
 
 #[tokio::test]
 async fn client_disconnect_stops_the_workers_work() {
-    let c = TestCluster::start(Options { workers: 1, time_scale: 0.2, ..Options::default() }).await.unwrap();
+    let c = TestCluster::start(Options {
+        workers: 1,
+        time_scale: 0.2,
+        ..Options::default()
+    })
+    .await
+    .unwrap();
     let body = json!({"model": c.model, "prompt": "a very long answer please", "max_tokens": 20000, "stream": true});
     let response = reqwest::Client::new()
         .post(format!("{}/v1/completions", c.gateway))
@@ -231,18 +295,41 @@ async fn client_disconnect_stops_the_workers_work() {
     drop(bytes);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let cancelled = scrape(&c.workers[0].metrics_url, "preble:request_finished_total").await.unwrap_or(0.0);
+        let cancelled = scrape(&c.workers[0].metrics_url, "preble:request_finished_total")
+            .await
+            .unwrap_or(0.0);
         if cancelled >= 1.0 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the worker never stopped the request:\n{}", c.logs());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker never stopped the request:\n{}",
+            c.logs()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let text = reqwest::get(&c.workers[0].metrics_url).await.unwrap().text().await.unwrap();
-    assert!(text.contains("preble:request_finished_total{finished_reason=\"cancelled\"} 1"), "{text}");
-    assert_eq!(scrape(&c.workers[0].metrics_url, "preble:num_requests_running").await.unwrap(), 0.0);
+    let text = reqwest::get(&c.workers[0].metrics_url)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("preble:request_finished_total{finished_reason=\"cancelled\"} 1"),
+        "{text}"
+    );
+    assert_eq!(
+        scrape(&c.workers[0].metrics_url, "preble:num_requests_running")
+            .await
+            .unwrap(),
+        0.0
+    );
     let generated = c.worker_sum("preble:generation_tokens_total").await;
     assert!(generated < 20000.0);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(c.worker_sum("preble:generation_tokens_total").await, generated, "no more tokens after the cancel");
+    assert_eq!(
+        c.worker_sum("preble:generation_tokens_total").await,
+        generated,
+        "no more tokens after the cancel"
+    );
 }

@@ -22,10 +22,20 @@ pub struct Args {
     pub http_addr: SocketAddr,
     /// Model directories to serve (comma-separated or repeated); each is served under its
     /// directory name.
-    #[arg(long = "model-dir", env = "PREBLE_MODEL_DIRS", value_delimiter = ',', default_value = "models/preble-sim")]
+    #[arg(
+        long = "model-dir",
+        env = "PREBLE_MODEL_DIRS",
+        value_delimiter = ',',
+        default_value = "models/preble-sim"
+    )]
     pub model_dirs: Vec<PathBuf>,
     /// Accepted API keys, comma-separated; empty means no authentication.
-    #[arg(long, env = "PREBLE_API_KEYS", value_delimiter = ',', default_value = "")]
+    #[arg(
+        long,
+        env = "PREBLE_API_KEYS",
+        value_delimiter = ',',
+        default_value = ""
+    )]
     pub api_keys: Vec<String>,
     /// `max_tokens` of a chat request that gives none (completions default to 16, like OpenAI).
     #[arg(long, env = "PREBLE_DEFAULT_MAX_TOKENS", default_value_t = 256)]

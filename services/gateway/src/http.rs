@@ -23,7 +23,9 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::models::{Models, ServedModel};
-use crate::openai::{self, ChatRequest, CompletionRequest, Endpoint, Generation, Prompt, ResponseMeta};
+use crate::openai::{
+    self, ChatRequest, CompletionRequest, Endpoint, Generation, Prompt, ResponseMeta,
+};
 use crate::relay::Relay;
 use crate::text::{TextEvent, TextGeneration};
 
@@ -40,7 +42,10 @@ pub struct AppState {
 }
 
 /// Runs the gateway until `shutdown` resolves.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let models = Models::load(&config.model_dirs)?;
     let client = async_nats::connect(&config.nats_url)
         .await
@@ -89,7 +94,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-async fn authenticate(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+async fn authenticate(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
     if state.config.api_keys.is_empty() {
         return next.run(request).await;
     }
@@ -140,7 +149,10 @@ async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Respons
             Prompt::Tokens(ids) => ids,
             Prompt::Texts(mut texts) if texts.len() == 1 => model.encode(&texts.remove(0))?,
             Prompt::Texts(_) => {
-                return Err(ApiError::invalid("prompt", "batched prompts are not supported; send one prompt per request"));
+                return Err(ApiError::invalid(
+                    "prompt",
+                    "batched prompts are not supported; send one prompt per request",
+                ));
             }
         };
         model.check_prompt(&prompt, generation.sampling.max_tokens, "prompt")?;
@@ -173,7 +185,11 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Re
 type Prepared = (Arc<ServedModel>, Vec<u32>, Generation);
 
 /// Submits a prepared request and answers it, streaming or not.
-async fn respond(state: &Arc<AppState>, endpoint: Endpoint, prepared: Result<Prepared, ApiError>) -> Response {
+async fn respond(
+    state: &Arc<AppState>,
+    endpoint: Endpoint,
+    prepared: Result<Prepared, ApiError>,
+) -> Response {
     let label = match endpoint {
         Endpoint::Completions => "completions",
         Endpoint::Chat => "chat",
@@ -220,7 +236,12 @@ async fn serve(
     let prompt_len = prompt.len() as u32;
     let submitted = state
         .relay
-        .submit(&model.name, prompt, generation.sampling.clone(), generation.user.clone())
+        .submit(
+            &model.name,
+            prompt,
+            generation.sampling.clone(),
+            generation.user.clone(),
+        )
         .await?;
     let meta = ResponseMeta {
         id: match endpoint {
@@ -268,7 +289,12 @@ async fn serve(
         event = match text.next().await {
             Some(Ok(e)) => e,
             Some(Err(e)) => return Err(e),
-            None => return Err(ApiError::new(ErrorCode::Internal, "token stream ended early")),
+            None => {
+                return Err(ApiError::new(
+                    ErrorCode::Internal,
+                    "token stream ended early",
+                ));
+            }
         };
     }
 }
@@ -285,7 +311,9 @@ impl Observer {
         self.metrics
             .e2e_latency
             .observe(self.started.elapsed().as_secs_f64());
-        self.metrics.prompt_tokens.inc_by(u64::from(usage.prompt_tokens));
+        self.metrics
+            .prompt_tokens
+            .inc_by(u64::from(usage.prompt_tokens));
         self.metrics
             .cached_prompt_tokens
             .inc_by(u64::from(usage.cached_tokens));

@@ -36,7 +36,10 @@ impl Metrics {
             c
         }
         let counter = |r: &Registry, n: &str, h: &str| {
-            reg(r, IntCounter::with_opts(Opts::new(n, h)).expect("valid metric"))
+            reg(
+                r,
+                IntCounter::with_opts(Opts::new(n, h)).expect("valid metric"),
+            )
         };
         let histogram = |r: &Registry, n: &str, h: &str| {
             reg(
@@ -48,15 +51,56 @@ impl Metrics {
             )
         };
         Metrics {
-            requests: reg(&registry, IntCounterVec::new(Opts::new("preble:http_requests_total", "HTTP requests by endpoint and status"), &["endpoint", "status"]).expect("valid metric")),
-            in_flight: reg(&registry, IntGauge::with_opts(Opts::new("preble:requests_in_flight", "Requests being served")).expect("valid metric")),
-            time_to_first_token: histogram(&registry, "preble:time_to_first_token_seconds", "Time to first token at the gateway"),
-            e2e_latency: histogram(&registry, "preble:e2e_request_latency_seconds", "End-to-end request latency at the gateway"),
+            requests: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "preble:http_requests_total",
+                        "HTTP requests by endpoint and status",
+                    ),
+                    &["endpoint", "status"],
+                )
+                .expect("valid metric"),
+            ),
+            in_flight: reg(
+                &registry,
+                IntGauge::with_opts(Opts::new(
+                    "preble:requests_in_flight",
+                    "Requests being served",
+                ))
+                .expect("valid metric"),
+            ),
+            time_to_first_token: histogram(
+                &registry,
+                "preble:time_to_first_token_seconds",
+                "Time to first token at the gateway",
+            ),
+            e2e_latency: histogram(
+                &registry,
+                "preble:e2e_request_latency_seconds",
+                "End-to-end request latency at the gateway",
+            ),
             prompt_tokens: counter(&registry, "preble:prompt_tokens_total", "Prompt tokens"),
-            cached_prompt_tokens: counter(&registry, "preble:prompt_tokens_cached_total", "Prompt tokens served from a KV cache"),
-            generation_tokens: counter(&registry, "preble:generation_tokens_total", "Generated tokens"),
-            malformed_messages: counter(&registry, "preble:malformed_messages_total", "Malformed messages received"),
-            duplicate_messages: counter(&registry, "preble:duplicate_stream_messages_total", "Duplicate stream messages dropped"),
+            cached_prompt_tokens: counter(
+                &registry,
+                "preble:prompt_tokens_cached_total",
+                "Prompt tokens served from a KV cache",
+            ),
+            generation_tokens: counter(
+                &registry,
+                "preble:generation_tokens_total",
+                "Generated tokens",
+            ),
+            malformed_messages: counter(
+                &registry,
+                "preble:malformed_messages_total",
+                "Malformed messages received",
+            ),
+            duplicate_messages: counter(
+                &registry,
+                "preble:duplicate_stream_messages_total",
+                "Duplicate stream messages dropped",
+            ),
             registry,
         }
     }

@@ -130,7 +130,12 @@ impl ServedModel {
     }
 
     /// Checks that the prompt is usable and that it plus `max_tokens` fits the context.
-    pub fn check_prompt(&self, prompt: &[u32], max_tokens: u32, param: &str) -> Result<(), ApiError> {
+    pub fn check_prompt(
+        &self,
+        prompt: &[u32],
+        max_tokens: u32,
+        param: &str,
+    ) -> Result<(), ApiError> {
         if prompt.is_empty() {
             return Err(ApiError::invalid(param, "the prompt must not be empty"));
         }
@@ -235,8 +240,14 @@ mod tests {
         assert_eq!(m.name, "m");
         let text = m
             .render_chat(&[
-                ChatMessage { role: "system".into(), content: "Be brief.".into() },
-                ChatMessage { role: "user".into(), content: "Hi".into() },
+                ChatMessage {
+                    role: "system".into(),
+                    content: "Be brief.".into(),
+                },
+                ChatMessage {
+                    role: "user".into(),
+                    content: "Hi".into(),
+                },
             ])
             .unwrap();
         assert_eq!(

@@ -32,11 +32,20 @@ pub async fn serve(client: Client, state: Arc<AppState>) {
         let client = client.clone();
         let state = state.clone();
         tokio::spawn(async move {
-            let mut out = Replier { client, reply, seq: 0, request_id: String::new() };
+            let mut out = Replier {
+                client,
+                reply,
+                seq: 0,
+                request_id: String::new(),
+            };
             match decode::<ApiRequest>(&message.payload) {
                 Ok(request) => {
                     if let Err(e) = generate(&state, request, &mut out).await {
-                        out.send(ApiEventBody::Error { code: e.code, message: e.message }).await;
+                        out.send(ApiEventBody::Error {
+                            code: e.code,
+                            message: e.message,
+                        })
+                        .await;
                     }
                 }
                 Err(e) => {
@@ -69,13 +78,21 @@ impl Replier {
             body,
         };
         self.seq += 1;
-        if let Err(e) = self.client.publish(self.reply.clone(), encode(&event).into()).await {
+        if let Err(e) = self
+            .client
+            .publish(self.reply.clone(), encode(&event).into())
+            .await
+        {
             warn!(error = %e, "failed to answer a NATS API client");
         }
     }
 }
 
-async fn generate(state: &AppState, request: ApiRequest, out: &mut Replier) -> Result<(), ApiError> {
+async fn generate(
+    state: &AppState,
+    request: ApiRequest,
+    out: &mut Replier,
+) -> Result<(), ApiError> {
     let model = state.models.get(&request.model)?;
     let prompt = match (&request.prompt, &request.prompt_tokens, &request.messages) {
         (Some(text), None, None) => model.encode(text)?,
@@ -97,7 +114,11 @@ async fn generate(state: &AppState, request: ApiRequest, out: &mut Replier) -> R
         user: request.user.clone(),
         ..CommonParams::default()
     };
-    let default = if request.messages.is_some() { state.config.default_max_tokens } else { 16 };
+    let default = if request.messages.is_some() {
+        state.config.default_max_tokens
+    } else {
+        16
+    };
     let generation = params.validate(default)?;
     model.check_prompt(&prompt, generation.sampling.max_tokens, "prompt")?;
     let prompt_len = prompt.len() as u32;
@@ -112,8 +133,15 @@ async fn generate(state: &AppState, request: ApiRequest, out: &mut Replier) -> R
             TextEvent::Delta { text, token_ids } => {
                 out.send(ApiEventBody::Delta { text, token_ids }).await;
             }
-            TextEvent::Done { finish_reason, usage } => {
-                out.send(ApiEventBody::Done { finish_reason, usage }).await;
+            TextEvent::Done {
+                finish_reason,
+                usage,
+            } => {
+                out.send(ApiEventBody::Done {
+                    finish_reason,
+                    usage,
+                })
+                .await;
                 return Ok(());
             }
         }

@@ -165,7 +165,10 @@ fn parse_value<T: serde::de::DeserializeOwned>(value: &Value) -> Result<T, ApiEr
         } else {
             path
         };
-        ApiError::invalid(param.clone(), format!("invalid request body at `{param}`: {inner}"))
+        ApiError::invalid(
+            param.clone(),
+            format!("invalid request body at `{param}`: {inner}"),
+        )
     })
 }
 
@@ -190,18 +193,27 @@ impl CommonParams {
         if let Some(n) = self.n
             && n != 1
         {
-            return Err(ApiError::invalid("n", format!("n={n} is not supported yet; use n=1")));
+            return Err(ApiError::invalid(
+                "n",
+                format!("n={n} is not supported yet; use n=1"),
+            ));
         }
         let max_tokens = self
             .max_completion_tokens
             .or(self.max_tokens)
             .unwrap_or(default_max_tokens);
         if max_tokens == 0 {
-            return Err(ApiError::invalid("max_tokens", "max_tokens must be at least 1"));
+            return Err(ApiError::invalid(
+                "max_tokens",
+                "max_tokens must be at least 1",
+            ));
         }
         let temperature = self.temperature.unwrap_or(1.0);
         if !(0.0..=2.0).contains(&temperature) {
-            return Err(ApiError::invalid("temperature", "temperature must be between 0 and 2"));
+            return Err(ApiError::invalid(
+                "temperature",
+                "temperature must be between 0 and 2",
+            ));
         }
         let top_p = self.top_p.unwrap_or(1.0);
         if !(top_p > 0.0 && top_p <= 1.0) {
@@ -216,10 +228,16 @@ impl CommonParams {
             return Err(ApiError::invalid("stop", "at most 4 stop sequences"));
         }
         if stop.iter().any(String::is_empty) {
-            return Err(ApiError::invalid("stop", "stop sequences must not be empty"));
+            return Err(ApiError::invalid(
+                "stop",
+                "stop sequences must not be empty",
+            ));
         }
         if !self.stream && self.stream_options.is_some() {
-            return Err(ApiError::invalid("stream_options", "stream_options requires stream=true"));
+            return Err(ApiError::invalid(
+                "stream_options",
+                "stream_options requires stream=true",
+            ));
         }
         Ok(Generation {
             sampling: SamplingParams {
@@ -389,16 +407,18 @@ mod tests {
 
     #[test]
     fn wrong_types_name_the_field() {
-        let e = parse_request::<CompletionRequest>(
-            br#"{"model":"m","prompt":"x","max_tokens":"ten"}"#,
-        )
-        .unwrap_err();
+        let e =
+            parse_request::<CompletionRequest>(br#"{"model":"m","prompt":"x","max_tokens":"ten"}"#)
+                .unwrap_err();
         assert_eq!(e.param.as_deref(), Some("max_tokens"), "{e:?}");
         let e = parse_request::<CompletionRequest>(br#"{"prompt":"x"}"#).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("model"), "{e:?}");
-        let e = parse_request::<ChatRequest>(br#"{"model":"m","messages":[{"role":1}]}"#)
-            .unwrap_err();
-        assert!(e.param.as_deref().unwrap().starts_with("messages[0]"), "{e:?}");
+        let e =
+            parse_request::<ChatRequest>(br#"{"model":"m","messages":[{"role":1}]}"#).unwrap_err();
+        assert!(
+            e.param.as_deref().unwrap().starts_with("messages[0]"),
+            "{e:?}"
+        );
         let e = parse_request::<ChatRequest>(b"{not json").unwrap_err();
         assert_eq!(e.param.as_deref(), Some("body"));
         let ok = parse_request::<ChatRequest>(
@@ -412,11 +432,21 @@ mod tests {
     fn validation_rejects_unsupported_and_out_of_range() {
         let p = |json: &str| parse::<CommonParams>(json.as_bytes()).unwrap().validate(16);
         assert_eq!(p(r#"{"n":2}"#).unwrap_err().param.as_deref(), Some("n"));
-        assert_eq!(p(r#"{"temperature":3}"#).unwrap_err().param.as_deref(), Some("temperature"));
-        assert_eq!(p(r#"{"top_p":0}"#).unwrap_err().param.as_deref(), Some("top_p"));
-        assert_eq!(p(r#"{"max_tokens":0}"#).unwrap_err().param.as_deref(), Some("max_tokens"));
-        let g = p(r#"{"stop":"\n","seed":3,"stream":true,"stream_options":{"include_usage":true}}"#)
-            .unwrap();
+        assert_eq!(
+            p(r#"{"temperature":3}"#).unwrap_err().param.as_deref(),
+            Some("temperature")
+        );
+        assert_eq!(
+            p(r#"{"top_p":0}"#).unwrap_err().param.as_deref(),
+            Some("top_p")
+        );
+        assert_eq!(
+            p(r#"{"max_tokens":0}"#).unwrap_err().param.as_deref(),
+            Some("max_tokens")
+        );
+        let g =
+            p(r#"{"stop":"\n","seed":3,"stream":true,"stream_options":{"include_usage":true}}"#)
+                .unwrap();
         assert_eq!(g.stop, vec!["\n".to_string()]);
         assert_eq!(g.sampling.seed, Some(3));
         assert_eq!(g.sampling.max_tokens, 16);

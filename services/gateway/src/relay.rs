@@ -49,7 +49,12 @@ pub struct Relay {
 
 impl Relay {
     /// A relay over `client`.
-    pub fn new(client: Client, subjects: Subjects, idle_timeout: Duration, metrics: Metrics) -> Self {
+    pub fn new(
+        client: Client,
+        subjects: Subjects,
+        idle_timeout: Duration,
+        metrics: Metrics,
+    ) -> Self {
         Self {
             jetstream: jetstream::new(client.clone()),
             client,
@@ -73,7 +78,12 @@ impl Relay {
             .client
             .subscribe(stream_subject.clone())
             .await
-            .map_err(|e| ApiError::new(ErrorCode::Overloaded, format!("message bus unavailable: {e}")))?;
+            .map_err(|e| {
+                ApiError::new(
+                    ErrorCode::Overloaded,
+                    format!("message bus unavailable: {e}"),
+                )
+            })?;
         let mut request = GenerateRequest::new(
             request_id.clone(),
             model.to_string(),
@@ -87,9 +97,18 @@ impl Relay {
             .jetstream
             .publish(self.subjects.requests(), encode(&request).into())
             .await
-            .map_err(|e| ApiError::new(ErrorCode::Overloaded, format!("request queue unavailable: {e}")))?;
-        ack.await
-            .map_err(|e| ApiError::new(ErrorCode::Overloaded, format!("request queue did not confirm: {e}")))?;
+            .map_err(|e| {
+                ApiError::new(
+                    ErrorCode::Overloaded,
+                    format!("request queue unavailable: {e}"),
+                )
+            })?;
+        ack.await.map_err(|e| {
+            ApiError::new(
+                ErrorCode::Overloaded,
+                format!("request queue did not confirm: {e}"),
+            )
+        })?;
         Ok(Generation {
             guard: CancelGuard {
                 client: self.client.clone(),
@@ -169,18 +188,21 @@ impl Generation {
                     format!("token stream lost message {}", self.next_seq),
                 )));
             }
-            let message = match tokio::time::timeout(self.idle_timeout, self.subscription.next()).await {
-                Err(_) => {
-                    return Some(self.fail(ApiError::new(
-                        ErrorCode::Timeout,
-                        format!("no tokens for {} s", self.idle_timeout.as_secs()),
-                    )));
-                }
-                Ok(None) => {
-                    return Some(self.fail(ApiError::new(ErrorCode::Internal, "message bus closed")));
-                }
-                Ok(Some(message)) => message,
-            };
+            let message =
+                match tokio::time::timeout(self.idle_timeout, self.subscription.next()).await {
+                    Err(_) => {
+                        return Some(self.fail(ApiError::new(
+                            ErrorCode::Timeout,
+                            format!("no tokens for {} s", self.idle_timeout.as_secs()),
+                        )));
+                    }
+                    Ok(None) => {
+                        return Some(
+                            self.fail(ApiError::new(ErrorCode::Internal, "message bus closed")),
+                        );
+                    }
+                    Ok(Some(message)) => message,
+                };
             let message = match decode::<StreamMessage>(&message.payload) {
                 Ok(m) if m.request_id == self.request_id => m,
                 Ok(_) | Err(_) => {

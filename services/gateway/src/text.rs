@@ -42,10 +42,9 @@ impl Detokenizer {
 
     fn decode_window(&self, model: &ServedModel) -> Result<(String, String), ApiError> {
         let decode = |ids: &[u32]| {
-            model
-                .tokenizer
-                .decode(ids, true)
-                .map_err(|e| ApiError::new(ErrorCode::Internal, format!("detokenisation failed: {e}")))
+            model.tokenizer.decode(ids, true).map_err(|e| {
+                ApiError::new(ErrorCode::Internal, format!("detokenisation failed: {e}"))
+            })
         };
         Ok((
             decode(&self.ids[self.prefix_offset..self.read_offset])?,
@@ -149,7 +148,12 @@ pub struct TextGeneration {
 
 impl TextGeneration {
     /// Wraps a submitted generation.
-    pub fn new(generation: Generation, model: Arc<ServedModel>, stops: Vec<String>, prompt_tokens: u32) -> Self {
+    pub fn new(
+        generation: Generation,
+        model: Arc<ServedModel>,
+        stops: Vec<String>,
+        prompt_tokens: u32,
+    ) -> Self {
         Self {
             generation: Some(generation),
             model,
@@ -166,7 +170,10 @@ impl TextGeneration {
     /// The next event; `None` after the end.
     pub async fn next(&mut self) -> Option<Result<TextEvent, ApiError>> {
         if let Some((finish_reason, usage)) = self.pending_done.take() {
-            return Some(Ok(TextEvent::Done { finish_reason, usage }));
+            return Some(Ok(TextEvent::Done {
+                finish_reason,
+                usage,
+            }));
         }
         loop {
             if self.done {
@@ -224,9 +231,18 @@ impl TextGeneration {
     }
 
     /// A final event, preceded by leftover text when there is some.
-    fn with_text(&mut self, text: String, token_ids: Vec<u32>, finish_reason: FinishReason, usage: Usage) -> TextEvent {
+    fn with_text(
+        &mut self,
+        text: String,
+        token_ids: Vec<u32>,
+        finish_reason: FinishReason,
+        usage: Usage,
+    ) -> TextEvent {
         if text.is_empty() && token_ids.is_empty() {
-            TextEvent::Done { finish_reason, usage }
+            TextEvent::Done {
+                finish_reason,
+                usage,
+            }
         } else {
             self.pending_done = Some((finish_reason, usage));
             TextEvent::Delta { text, token_ids }

@@ -165,8 +165,10 @@ impl Cluster {
     fn uncharge(&mut self, o: &Outstanding) {
         if let Some(w) = self.workers.get_mut(&o.worker) {
             w.load.outstanding = w.load.outstanding.saturating_sub(1);
-            w.load.outstanding_prompt_tokens =
-                w.load.outstanding_prompt_tokens.saturating_sub(o.prompt_tokens);
+            w.load.outstanding_prompt_tokens = w
+                .load
+                .outstanding_prompt_tokens
+                .saturating_sub(o.prompt_tokens);
         }
     }
 

@@ -35,14 +35,76 @@ impl Metrics {
         }
         let opts = Opts::new;
         Metrics {
-            decisions: reg(&registry, IntCounterVec::new(opts("preble:scheduler_decisions_total", "Routing decisions by kind"), &["kind"]).expect("valid metric")),
-            dispatches: reg(&registry, IntCounter::with_opts(opts("preble:scheduler_dispatches_total", "Dispatches sent to workers")).expect("valid metric")),
-            dispatch_failures: reg(&registry, IntCounter::with_opts(opts("preble:scheduler_dispatch_failures_total", "Dispatches not accepted")).expect("valid metric")),
-            request_errors: reg(&registry, IntCounterVec::new(opts("preble:scheduler_request_errors_total", "Requests failed at the scheduler"), &["code"]).expect("valid metric")),
-            malformed_messages: reg(&registry, IntCounter::with_opts(opts("preble:scheduler_malformed_messages_total", "Malformed messages received")).expect("valid metric")),
-            live_workers: reg(&registry, IntGauge::with_opts(opts("preble:scheduler_live_workers", "Live workers")).expect("valid metric")),
-            outstanding: reg(&registry, IntGaugeVec::new(opts("preble:scheduler_outstanding_requests", "Requests dispatched and not finished, per worker"), &["worker"]).expect("valid metric")),
-            event_gaps: reg(&registry, IntCounter::with_opts(opts("preble:scheduler_event_gaps_total", "Gaps in worker event sequences")).expect("valid metric")),
+            decisions: reg(
+                &registry,
+                IntCounterVec::new(
+                    opts(
+                        "preble:scheduler_decisions_total",
+                        "Routing decisions by kind",
+                    ),
+                    &["kind"],
+                )
+                .expect("valid metric"),
+            ),
+            dispatches: reg(
+                &registry,
+                IntCounter::with_opts(opts(
+                    "preble:scheduler_dispatches_total",
+                    "Dispatches sent to workers",
+                ))
+                .expect("valid metric"),
+            ),
+            dispatch_failures: reg(
+                &registry,
+                IntCounter::with_opts(opts(
+                    "preble:scheduler_dispatch_failures_total",
+                    "Dispatches not accepted",
+                ))
+                .expect("valid metric"),
+            ),
+            request_errors: reg(
+                &registry,
+                IntCounterVec::new(
+                    opts(
+                        "preble:scheduler_request_errors_total",
+                        "Requests failed at the scheduler",
+                    ),
+                    &["code"],
+                )
+                .expect("valid metric"),
+            ),
+            malformed_messages: reg(
+                &registry,
+                IntCounter::with_opts(opts(
+                    "preble:scheduler_malformed_messages_total",
+                    "Malformed messages received",
+                ))
+                .expect("valid metric"),
+            ),
+            live_workers: reg(
+                &registry,
+                IntGauge::with_opts(opts("preble:scheduler_live_workers", "Live workers"))
+                    .expect("valid metric"),
+            ),
+            outstanding: reg(
+                &registry,
+                IntGaugeVec::new(
+                    opts(
+                        "preble:scheduler_outstanding_requests",
+                        "Requests dispatched and not finished, per worker",
+                    ),
+                    &["worker"],
+                )
+                .expect("valid metric"),
+            ),
+            event_gaps: reg(
+                &registry,
+                IntCounter::with_opts(opts(
+                    "preble:scheduler_event_gaps_total",
+                    "Gaps in worker event sequences",
+                ))
+                .expect("valid metric"),
+            ),
             registry,
         }
     }

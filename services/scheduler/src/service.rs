@@ -13,8 +13,8 @@ use async_nats::{Client, Request};
 use futures::StreamExt;
 use preble_policy::{ClusterView, Policy, RouteRequest};
 use preble_protocol::{
-    Cancel, Dispatch, DispatchOutcome, DispatchReply, ErrorCode, GenerateRequest,
-    PROTOCOL_VERSION, StreamBody, StreamMessage, WorkerEvent, decode, encode,
+    Cancel, Dispatch, DispatchOutcome, DispatchReply, ErrorCode, GenerateRequest, PROTOCOL_VERSION,
+    StreamBody, StreamMessage, WorkerEvent, decode, encode,
 };
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -27,7 +27,10 @@ use crate::metrics::Metrics;
 const TICK: Duration = Duration::from_millis(50);
 
 /// Runs the scheduler until `shutdown` resolves.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let client = async_nats::connect(&config.nats_url)
         .await
         .with_context(|| format!("connecting to NATS at {}", config.nats_url))?;
@@ -187,7 +190,10 @@ impl Router {
                 let why = if pending.tried.is_empty() {
                     format!("no live worker serves model {:?}", pending.request.model)
                 } else {
-                    format!("no worker accepted the request (tried {})", pending.tried.join(", "))
+                    format!(
+                        "no worker accepted the request (tried {})",
+                        pending.tried.join(", ")
+                    )
                 };
                 self.fail(pending, ErrorCode::Overloaded, why);
             } else {
@@ -336,7 +342,10 @@ impl Router {
     fn on_tick(&mut self) {
         for (worker, owed) in self.cluster.reap(Instant::now()) {
             warn!(%worker, requests = owed.len(), "worker missed its heartbeats: dropped");
-            self.metrics.outstanding.remove_label_values(&[&worker]).ok();
+            self.metrics
+                .outstanding
+                .remove_label_values(&[&worker])
+                .ok();
             for (request_id, outstanding) in owed {
                 self.send_error(
                     &request_id,

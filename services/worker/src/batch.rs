@@ -294,12 +294,24 @@ mod tests {
         b.enqueue(seq("a", 1200, 4)).unwrap();
         let p = b.plan();
         assert_eq!(p.len(), 1);
-        assert_eq!(p[0].work, SeqWork { extend: 512, context: 0 });
+        assert_eq!(
+            p[0].work,
+            SeqWork {
+                extend: 512,
+                context: 0
+            }
+        );
         assert!(!p[0].samples);
         b.running[0].prefilled += 512;
         b.enqueue(seq("b", 100, 4)).unwrap();
         let p = b.plan();
-        assert_eq!(p[0].work, SeqWork { extend: 512, context: 512 });
+        assert_eq!(
+            p[0].work,
+            SeqWork {
+                extend: 512,
+                context: 512
+            }
+        );
         b.running[0].prefilled += 512;
         // "a" has 176 left, "b" fits in the rest of the budget.
         assert_eq!(p.len(), 2);
@@ -311,7 +323,10 @@ mod tests {
     #[test]
     fn kv_capacity_gates_admission_and_never_fitting_is_an_error() {
         let mut b = Batcher::new(1000, 4096, 8);
-        assert!(matches!(b.enqueue(seq("x", 990, 20)), Err(AdmitError::NeverFits { .. })));
+        assert!(matches!(
+            b.enqueue(seq("x", 990, 20)),
+            Err(AdmitError::NeverFits { .. })
+        ));
         b.enqueue(seq("a", 500, 100)).unwrap();
         b.enqueue(seq("b", 500, 100)).unwrap();
         let p = b.plan();

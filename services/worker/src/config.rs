@@ -101,7 +101,10 @@ impl Config {
         }
         let profile = Profile::by_name(&args.profile)?;
         if !(args.time_scale.is_finite() && args.time_scale >= 0.0) {
-            bail!("--time-scale must be a finite number >= 0, got {}", args.time_scale);
+            bail!(
+                "--time-scale must be a finite number >= 0, got {}",
+                args.time_scale
+            );
         }
         if args.chunk_tokens == 0 || args.max_running == 0 || args.heartbeat_ms == 0 {
             bail!("--chunk-tokens, --max-running and --heartbeat-ms must be positive");
@@ -111,7 +114,9 @@ impl Config {
         if let Some(name) = args.served_model_name {
             model.name = name;
         }
-        let kv_capacity_tokens = args.kv_capacity_tokens.unwrap_or(profile.kv_capacity_tokens);
+        let kv_capacity_tokens = args
+            .kv_capacity_tokens
+            .unwrap_or(profile.kv_capacity_tokens);
         Ok(Config {
             nats_url: args.nats_url,
             subjects: Subjects::new(args.subject_prefix),

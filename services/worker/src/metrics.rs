@@ -1,8 +1,6 @@
 //! The worker's Prometheus metrics (names after vLLM's, with the `preble:` prefix).
 
-use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Every metric of a worker.
 #[derive(Clone)]
@@ -41,12 +39,16 @@ impl Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str| {
             let c = IntCounter::with_opts(Opts::new(name, help)).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
             c
         };
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::with_opts(Opts::new(name, help)).expect("valid metric");
-            registry.register(Box::new(g.clone())).expect("unique metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
             g
         };
         let histogram = |name: &str, help: &str| {
@@ -54,11 +56,16 @@ impl Metrics {
                 HistogramOpts::new(name, help).buckets(preble_telemetry::latency_buckets()),
             )
             .expect("valid metric");
-            registry.register(Box::new(h.clone())).expect("unique metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
             h
         };
         let requests_finished = IntCounterVec::new(
-            Opts::new("preble:request_finished_total", "Requests that ended, by reason"),
+            Opts::new(
+                "preble:request_finished_total",
+                "Requests that ended, by reason",
+            ),
             &["finished_reason"],
         )
         .expect("valid metric");
@@ -67,15 +74,30 @@ impl Metrics {
             .expect("unique metric");
         Metrics {
             requests_accepted: counter("preble:requests_accepted_total", "Requests accepted"),
-            requests_rejected: counter("preble:requests_rejected_total", "Requests rejected at dispatch"),
+            requests_rejected: counter(
+                "preble:requests_rejected_total",
+                "Requests rejected at dispatch",
+            ),
             requests_finished,
-            prompt_tokens: counter("preble:prompt_tokens_total", "Prompt tokens of accepted requests"),
+            prompt_tokens: counter(
+                "preble:prompt_tokens_total",
+                "Prompt tokens of accepted requests",
+            ),
             generation_tokens: counter("preble:generation_tokens_total", "Generated tokens"),
             iterations: counter("preble:iterations_total", "Engine iterations"),
-            running: gauge("preble:num_requests_running", "Requests in the running batch"),
-            waiting: gauge("preble:num_requests_waiting", "Requests waiting for admission"),
+            running: gauge(
+                "preble:num_requests_running",
+                "Requests in the running batch",
+            ),
+            waiting: gauge(
+                "preble:num_requests_waiting",
+                "Requests waiting for admission",
+            ),
             kv_used_tokens: gauge("preble:kv_cache_used_tokens", "Reserved KV-cache slots"),
-            malformed_messages: counter("preble:malformed_messages_total", "Malformed messages received"),
+            malformed_messages: counter(
+                "preble:malformed_messages_total",
+                "Malformed messages received",
+            ),
             time_to_first_token: histogram(
                 "preble:time_to_first_token_seconds",
                 "Worker-side time from acceptance to first token",

@@ -37,7 +37,10 @@ enum Command {
 }
 
 /// Runs a worker until `shutdown` resolves, then drains and returns.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let client = async_nats::connect(&config.nats_url)
         .await
         .with_context(|| format!("connecting to NATS at {}", config.nats_url))?;
@@ -72,7 +75,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let engine_loop = EngineLoop {
         client: client.clone(),
         engine: Box::new(engine),
-        batcher: Batcher::new(config.kv_capacity_tokens, config.chunk_tokens, config.max_running),
+        batcher: Batcher::new(
+            config.kv_capacity_tokens,
+            config.chunk_tokens,
+            config.max_running,
+        ),
         metrics: metrics.clone(),
         events: events_tx.clone(),
         load: load_tx,
@@ -81,9 +88,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     };
     let engine_task = tokio::spawn(engine_loop.run(commands_rx));
 
-    let dispatch_sub = client.subscribe(config.subjects.worker(&config.worker_id)).await?;
+    let dispatch_sub = client
+        .subscribe(config.subjects.worker(&config.worker_id))
+        .await?;
     let cancel_sub = client.subscribe(config.subjects.cancel()).await?;
-    let digest_sub = client.subscribe(config.subjects.digest(&config.worker_id)).await?;
+    let digest_sub = client
+        .subscribe(config.subjects.digest(&config.worker_id))
+        .await?;
     client.flush().await?;
     let dispatch_task = tokio::spawn(serve_dispatch(
         client.clone(),
@@ -93,18 +104,30 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         metrics.clone(),
         stop.clone(),
     ));
-    let cancel_task = tokio::spawn(serve_cancel(config.worker_id.clone(), cancel_sub, commands_tx.clone(), metrics.clone()));
+    let cancel_task = tokio::spawn(serve_cancel(
+        config.worker_id.clone(),
+        cancel_sub,
+        commands_tx.clone(),
+        metrics.clone(),
+    ));
     let digest_task = tokio::spawn(serve_digest(
         client.clone(),
         config.worker_id.clone(),
         digest_sub,
         metrics.clone(),
     ));
-    let heartbeat_task = tokio::spawn(heartbeat(config.clone(), events_tx.clone(), load_rx, stop.clone()));
+    let heartbeat_task = tokio::spawn(heartbeat(
+        config.clone(),
+        events_tx.clone(),
+        load_rx,
+        stop.clone(),
+    ));
     let http_stop = stop.clone();
-    let http_task = tokio::spawn(preble_telemetry::serve_ops(listener, metrics.registry.clone(), async move {
-        http_stop.cancelled().await
-    }));
+    let http_task = tokio::spawn(preble_telemetry::serve_ops(
+        listener,
+        metrics.registry.clone(),
+        async move { http_stop.cancelled().await },
+    ));
     info!(worker = %config.worker_id, "worker ready");
 
     shutdown.await;
@@ -198,14 +221,20 @@ async fn serve_dispatch(
             Err(e) => {
                 metrics.malformed_messages.inc();
                 warn!(error = %e, subject = %message.subject, "malformed dispatch");
-                reject(ErrorCode::InvalidRequest, format!("malformed dispatch: {e}"), false)
+                reject(
+                    ErrorCode::InvalidRequest,
+                    format!("malformed dispatch: {e}"),
+                    false,
+                )
             }
             Ok(dispatch) => match validate(&config, &dispatch) {
                 Err(outcome) => outcome,
                 Ok(()) => {
                     let request = dispatch.request;
                     metrics.requests_accepted.inc();
-                    metrics.prompt_tokens.inc_by(request.prompt_tokens.len() as u64);
+                    metrics
+                        .prompt_tokens
+                        .inc_by(request.prompt_tokens.len() as u64);
                     let hash = hash_tokens(&request.prompt_tokens);
                     debug!(request = %request.request_id, "accepted");
                     let seq = Sequence::new(request, hash, Instant::now());
@@ -240,20 +269,38 @@ fn validate(config: &Config, dispatch: &Dispatch) -> Result<(), DispatchOutcome>
     if r.model != config.model.name {
         return Err(reject(
             ErrorCode::ModelNotFound,
-            format!("this worker serves {:?}, not {:?}", config.model.name, r.model),
+            format!(
+                "this worker serves {:?}, not {:?}",
+                config.model.name, r.model
+            ),
             true,
         ));
     }
     if r.prompt_tokens.is_empty() {
-        return Err(reject(ErrorCode::InvalidRequest, "empty prompt".into(), false));
-    }
-    if r.sampling.max_tokens == 0 {
-        return Err(reject(ErrorCode::InvalidRequest, "max_tokens must be at least 1".into(), false));
-    }
-    if let Some(&bad) = r.prompt_tokens.iter().find(|&&t| t >= config.model.vocab_size) {
         return Err(reject(
             ErrorCode::InvalidRequest,
-            format!("token id {bad} is outside the vocabulary ({})", config.model.vocab_size),
+            "empty prompt".into(),
+            false,
+        ));
+    }
+    if r.sampling.max_tokens == 0 {
+        return Err(reject(
+            ErrorCode::InvalidRequest,
+            "max_tokens must be at least 1".into(),
+            false,
+        ));
+    }
+    if let Some(&bad) = r
+        .prompt_tokens
+        .iter()
+        .find(|&&t| t >= config.model.vocab_size)
+    {
+        return Err(reject(
+            ErrorCode::InvalidRequest,
+            format!(
+                "token id {bad} is outside the vocabulary ({})",
+                config.model.vocab_size
+            ),
             false,
         ));
     }
@@ -273,7 +320,10 @@ fn validate(config: &Config, dispatch: &Dispatch) -> Result<(), DispatchOutcome>
     if need > config.kv_capacity_tokens {
         return Err(reject(
             ErrorCode::ContextLengthExceeded,
-            format!("request needs {need} KV slots; this worker has {}", config.kv_capacity_tokens),
+            format!(
+                "request needs {need} KV slots; this worker has {}",
+                config.kv_capacity_tokens
+            ),
             true,
         ));
     }
@@ -319,7 +369,12 @@ async fn serve_cancel(
 }
 
 /// Answers digest requests. This worker keeps no prefix cache yet, so its digest is empty.
-async fn serve_digest(client: Client, worker_id: String, mut sub: async_nats::Subscriber, metrics: Metrics) {
+async fn serve_digest(
+    client: Client,
+    worker_id: String,
+    mut sub: async_nats::Subscriber,
+    metrics: Metrics,
+) {
     while let Some(message) = sub.next().await {
         if let Err(e) = decode::<DigestRequest>(&message.payload) {
             metrics.malformed_messages.inc();
@@ -374,8 +429,11 @@ impl EngineLoop {
             }
             if self.draining_until.is_some_and(|d| Instant::now() >= d) {
                 for seq in self.batcher.drain_all() {
-                    self.end(seq, Ending::Failed(ErrorCode::Cancelled, "worker shut down".into()))
-                        .await;
+                    self.end(
+                        seq,
+                        Ending::Failed(ErrorCode::Cancelled, "worker shut down".into()),
+                    )
+                    .await;
                 }
                 break;
             }
@@ -394,7 +452,8 @@ impl EngineLoop {
             Command::Cancel(id) => {
                 if let Some(seq) = self.batcher.remove(&id) {
                     debug!(request = %id, "cancelled");
-                    self.end(seq, Ending::Finished(FinishReason::Cancelled)).await;
+                    self.end(seq, Ending::Finished(FinishReason::Cancelled))
+                        .await;
                 }
             }
             Command::Drain(deadline) => self.draining_until = Some(deadline),
@@ -432,7 +491,9 @@ impl EngineLoop {
         }
         tokio::time::sleep(output.busy_for).await;
         self.metrics.iterations.inc();
-        self.metrics.iteration_seconds.observe(began.elapsed().as_secs_f64());
+        self.metrics
+            .iteration_seconds
+            .observe(began.elapsed().as_secs_f64());
 
         let mut endings: Vec<(usize, Ending)> = Vec::new();
         for (p, token) in plan.iter().zip(output.tokens) {
@@ -473,7 +534,7 @@ impl EngineLoop {
             }
         }
         // Descending order keeps the remaining indices valid across swap_remove.
-        endings.sort_by(|a, b| b.0.cmp(&a.0));
+        endings.sort_by_key(|e| std::cmp::Reverse(e.0));
         for (index, ending) in endings {
             let seq = self.batcher.finish(index);
             self.end(seq, ending).await;
@@ -509,7 +570,10 @@ impl EngineLoop {
             ),
             Ending::Failed(code, message) => (StreamBody::Error { code, message }, None, "error"),
         };
-        self.metrics.requests_finished.with_label_values(&[label]).inc();
+        self.metrics
+            .requests_finished
+            .with_label_values(&[label])
+            .inc();
         let message = StreamMessage {
             v: PROTOCOL_VERSION,
             request_id: seq.request.request_id.clone(),

@@ -82,7 +82,12 @@ impl Profile {
     pub fn by_name(name: &str) -> Result<Profile, UnknownProfile> {
         match name {
             "a6000-mistral-7b" => Ok(Self::a6000_mistral_7b()),
-            "a100-mistral-7b" => Ok(Self::roofline("a100-mistral-7b", GpuSpec::A100, ModelSpec::MISTRAL_7B, 1)),
+            "a100-mistral-7b" => Ok(Self::roofline(
+                "a100-mistral-7b",
+                GpuSpec::A100,
+                ModelSpec::MISTRAL_7B,
+                1,
+            )),
             "h100-tp2-llama3-70b" => Ok(Self::roofline(
                 "h100-tp2-llama3-70b",
                 GpuSpec::H100,
@@ -241,7 +246,11 @@ mod tests {
         for name in PROFILE_NAMES {
             let p = Profile::by_name(name).unwrap();
             assert_eq!(p.name, name);
-            assert!(p.kv_capacity_tokens > 10_000, "{name}: {}", p.kv_capacity_tokens);
+            assert!(
+                p.kv_capacity_tokens > 10_000,
+                "{name}: {}",
+                p.kv_capacity_tokens
+            );
         }
         assert!(Profile::by_name("tpu").is_err());
     }
@@ -251,7 +260,8 @@ mod tests {
         // 4096 tokens from scratch: linear 448.3 + attention 0.92 + correction 51.0, / 0.9.
         let p = Profile::a6000_mistral_7b();
         let ms = p.prefill_ms(4096, 0);
-        let expected = (0.108_425_71 * 4096.0 + 4.2098
+        let expected = (0.108_425_71 * 4096.0
+            + 4.2098
             + (1.86e-4 * 4096.0 + 0.159)
             + (1.13e-3 * 4096.0 + 1.75e-3 * 4096.0 + 2.19e-6 * 4096.0 * 4096.0))
             / 0.9;
@@ -267,7 +277,10 @@ mod tests {
             .unwrap()
             .prefill_ms(2048, 0);
         let ratio = ours / fit;
-        assert!((0.7..1.4).contains(&ratio), "roofline {ours} ms vs fit {fit} ms");
+        assert!(
+            (0.7..1.4).contains(&ratio),
+            "roofline {ours} ms vs fit {fit} ms"
+        );
     }
 
     #[test]
@@ -275,7 +288,10 @@ mod tests {
         let p = Profile::by_name("h100-tp4-llama3-70b").unwrap();
         let one = p.decode_step_ms(1, 2000);
         let many = p.decode_step_ms(64, 64 * 2000);
-        assert!(many < 4.0 * one, "batching decode must amortise weights: {one} vs {many}");
+        assert!(
+            many < 4.0 * one,
+            "batching decode must amortise weights: {one} vs {many}"
+        );
         assert!(many / 64.0 < one / 10.0);
     }
 

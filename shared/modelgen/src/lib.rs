@@ -142,17 +142,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write_sim_model(dir.path(), &SimModelOptions::default()).unwrap();
         let tok = tokenizers::Tokenizer::from_file(dir.path().join("tokenizer.json")).unwrap();
-        for text in ["The capital of France is Paris.", "héllo wörld ✓ 12345", "<|im_start|>user\nhi<|im_end|>"] {
+        for text in [
+            "The capital of France is Paris.",
+            "héllo wörld ✓ 12345",
+            "<|im_start|>user\nhi<|im_end|>",
+        ] {
             let enc = tok.encode(text, false).unwrap();
             assert!(!enc.get_ids().is_empty());
             assert_eq!(tok.decode(enc.get_ids(), false).unwrap(), text);
         }
         // Merges were learned: common words take fewer tokens than bytes.
-        let enc = tok.encode("the scheduler keeps a radix tree", false).unwrap();
+        let enc = tok
+            .encode("the scheduler keeps a radix tree", false)
+            .unwrap();
         assert!(enc.get_ids().len() < 20, "{}", enc.get_ids().len());
         assert_eq!(tok.token_to_id("<|im_end|>"), Some(END_OF_TURN_ID));
         let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
-        assert_eq!(config["vocab_size"].as_u64().unwrap() as usize, tok.get_vocab_size(true));
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            config["vocab_size"].as_u64().unwrap() as usize,
+            tok.get_vocab_size(true)
+        );
     }
 }

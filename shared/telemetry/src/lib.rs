@@ -76,27 +76,6 @@ pub fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use prometheus::{IntCounter, Opts};
-
-    #[test]
-    fn renders_registered_metrics() {
-        let registry = Registry::new();
-        let c = IntCounter::with_opts(Opts::new("x_total", "things")).unwrap();
-        registry.register(Box::new(c.clone())).unwrap();
-        c.inc_by(3);
-        assert!(render_metrics(&registry).contains("x_total 3"));
-    }
-
-    #[test]
-    fn log_format_parses() {
-        assert_eq!("json".parse::<LogFormat>(), Ok(LogFormat::Json));
-        assert!("xml".parse::<LogFormat>().is_err());
-    }
-}
-
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM: the production shutdown trigger of every service.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -134,4 +113,25 @@ pub async fn serve_ops(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus::{IntCounter, Opts};
+
+    #[test]
+    fn renders_registered_metrics() {
+        let registry = Registry::new();
+        let c = IntCounter::with_opts(Opts::new("x_total", "things")).unwrap();
+        registry.register(Box::new(c.clone())).unwrap();
+        c.inc_by(3);
+        assert!(render_metrics(&registry).contains("x_total 3"));
+    }
+
+    #[test]
+    fn log_format_parses() {
+        assert_eq!("json".parse::<LogFormat>(), Ok(LogFormat::Json));
+        assert!("xml".parse::<LogFormat>().is_err());
+    }
 }

@@ -92,7 +92,7 @@ mod tests {
         let a: Vec<u32> = (0..100).map(|i| e.token(h, 3, i)).collect();
         let b: Vec<u32> = (0..100).map(|i| e.token(h, 3, i)).collect();
         assert_eq!(a, b);
-        assert!(a.iter().all(|&t| t >= 3 && t < 50));
+        assert!(a.iter().all(|t| (3..50).contains(t)));
         let c: Vec<u32> = (0..100).map(|i| e.token(h, 4, i)).collect();
         assert_ne!(a, c, "the seed changes the output");
     }
@@ -108,7 +108,10 @@ mod tests {
             prompt_hash: 1,
             seed: 0,
             output_index: 0,
-            work: SeqWork { extend: 100, context: 0 },
+            work: SeqWork {
+                extend: 100,
+                context: 0,
+            },
             samples: true,
         }]);
         assert!((out.busy_for.as_secs_f64() * 1e3 - expected).abs() < 1e-6);

@@ -1,0 +1,34 @@
+# preble: the two commands a newcomer needs are `make run` and `make test`.
+SHELL := /bin/bash
+CARGO ?= cargo
+MODEL_DIR ?= models/preble-sim
+WORKERS ?= 4
+
+.PHONY: run test bench lint fmt model build services loadtest
+
+build:
+	$(CARGO) build --workspace --bins
+
+model: build
+	@test -f $(MODEL_DIR)/tokenizer.json || ./target/debug/preble-modelgen --out $(MODEL_DIR)
+
+## run: NATS + Redis on loopback (started or installed if missing), gateway, scheduler, 4 sim workers
+run: model
+	./scripts/ensure-services.sh
+	WORKERS=$(WORKERS) MODEL_DIR=$(MODEL_DIR) ./scripts/run-local.sh
+
+## test: every unit, property and end-to-end test (needs NATS and Redis; started if missing)
+test: build
+	./scripts/ensure-services.sh
+	$(CARGO) test --workspace
+
+bench: build
+	./scripts/ensure-services.sh
+	$(CARGO) run --release -p preble-loadtest -- path-bench
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
