@@ -305,6 +305,7 @@ mod tests {
         b.running[0].prefilled += 512;
         b.enqueue(seq("b", 100, 4)).unwrap();
         let p = b.plan();
+        assert_eq!(p.len(), 1, "the budget is spent on \"a\"");
         assert_eq!(
             p[0].work,
             SeqWork {
@@ -313,11 +314,25 @@ mod tests {
             }
         );
         b.running[0].prefilled += 512;
-        // "a" has 176 left, "b" fits in the rest of the budget.
-        assert_eq!(p.len(), 2);
+        // "a" has 176 left and samples; "b" is admitted into the rest of the budget.
         let p = b.plan();
+        assert_eq!(p.len(), 2);
         assert_eq!(p[0].work.extend, 176);
         assert!(p[0].samples);
+        assert_eq!(
+            p[1].work,
+            SeqWork {
+                extend: 100,
+                context: 0
+            }
+        );
+        b.running[0].prefilled += 176;
+        b.running[1].prefilled += 100;
+        b.running[0].generated = 1;
+        b.running[1].generated = 1;
+        // Both decode now, before any prefill.
+        let p = b.plan();
+        assert!(p.iter().all(|x| x.work.extend == 1 && x.samples));
     }
 
     #[test]
