@@ -24,7 +24,8 @@ test: build
 
 bench: build
 	./scripts/ensure-services.sh
-	$(CARGO) run --release -p preble-loadtest -- path-bench
+	$(CARGO) build --release --workspace --bins
+	CARGO_TARGET_DIR=target $(CARGO) run --release -p preble-loadtest -- path-bench
 
 lint:
 	$(CARGO) fmt --all -- --check
