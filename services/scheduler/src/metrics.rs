@@ -29,10 +29,7 @@ impl Metrics {
     /// Creates and registers the metrics.
     pub fn new() -> Self {
         let registry = Registry::new();
-        fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
-            r.register(Box::new(c.clone())).expect("unique metric");
-            c
-        }
+        use preble_telemetry::register as reg;
         let opts = Opts::new;
         Metrics {
             decisions: reg(

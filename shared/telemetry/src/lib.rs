@@ -60,6 +60,18 @@ pub fn render_metrics(registry: &Registry) -> String {
     String::from_utf8(buffer).unwrap_or_default()
 }
 
+/// Registers `collector` in `registry` and hands it back, for building metric structs.
+/// Panics on a duplicate name: metric names are fixed at compile time, so that is a bug.
+pub fn register<C: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    collector: C,
+) -> C {
+    registry
+        .register(Box::new(collector.clone()))
+        .expect("metric names are unique");
+    collector
+}
+
 /// Histogram buckets for latencies in seconds, from 1 ms to 5 minutes.
 pub fn latency_buckets() -> Vec<f64> {
     vec![
