@@ -65,7 +65,7 @@ pub struct PrefixMatch {
     pub slots: Vec<Slot>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Node {
     tokens: Vec<u32>,
     slots: Vec<Slot>,
@@ -81,7 +81,7 @@ struct Node {
 }
 
 /// The radix KV cache.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct RadixCache {
     nodes: Vec<Node>,
     free_nodes: Vec<u32>,
@@ -236,17 +236,25 @@ impl RadixCache {
     /// Takes `n` slots, evicting unpinned leaves if needed; `None` (and nothing taken) when
     /// fewer than `n` can be had.
     pub fn alloc(&mut self, n: usize) -> Option<Vec<Slot>> {
+        let mut out = Vec::with_capacity(n);
+        self.alloc_into(n, &mut out).then_some(out)
+    }
+
+    /// Appends `n` slots to `out`, evicting unpinned leaves if needed; false (and nothing
+    /// taken) when fewer than `n` can be had.
+    pub fn alloc_into(&mut self, n: usize, out: &mut Vec<Slot>) -> bool {
         if (n as u64) > self.available_slots() {
-            return None;
+            return false;
         }
         if self.free_slots.len() < n {
             self.evict((n - self.free_slots.len()) as u64);
         }
         if self.free_slots.len() < n {
-            return None;
+            return false;
         }
         let at = self.free_slots.len() - n;
-        Some(self.free_slots.split_off(at))
+        out.extend(self.free_slots.drain(at..));
+        true
     }
 
     /// Returns slots that are not in the tree (a request's own, unshared KV).
@@ -292,13 +300,14 @@ impl RadixCache {
                 return NodeId(leaf);
             };
             let common = common_prefix_len(&self.node(c).tokens, &tokens[pos..]);
-            for (mine, theirs) in slots[pos..pos + common]
-                .iter_mut()
-                .zip(&self.nodes[c as usize].slots[..common])
-            {
-                if *mine != *theirs {
-                    self.free_slots.push(*mine);
-                    *mine = *theirs;
+            let theirs = &self.nodes[c as usize].slots[..common];
+            let mine = &mut slots[pos..pos + common];
+            if mine != theirs {
+                for (mine, theirs) in mine.iter_mut().zip(theirs) {
+                    if *mine != *theirs {
+                        self.free_slots.push(*mine);
+                        *mine = *theirs;
+                    }
                 }
             }
             self.touch(c);
@@ -580,6 +589,18 @@ impl RadixCache {
     }
 }
 
+/// Length of the common prefix of `a` and `b`: whole blocks compared at once (vectorised),
+/// then token by token in the first block that differs.
 fn common_prefix_len(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+    const BLOCK: usize = 32;
+    let n = a.len().min(b.len());
+    let mut i = 0;
+    while i + BLOCK <= n && a[i..i + BLOCK] == b[i..i + BLOCK] {
+        i += BLOCK;
+    }
+    i + a[i..n]
+        .iter()
+        .zip(&b[i..n])
+        .take_while(|(x, y)| x == y)
+        .count()
 }

@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 
 /// A priority-group queue of `T`.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct PriorityQueue<T> {
     groups: Vec<VecDeque<T>>,
     /// Admissions left to each group in the current round.

@@ -65,7 +65,7 @@ pub enum AdmitError {
 }
 
 /// A request in the scheduler, with the caller's `payload`.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Sequence<T> {
     id: SeqId,
     /// What the caller attached (its request, stream state, timings).
@@ -212,7 +212,7 @@ pub struct Load {
 }
 
 /// The local scheduler of one worker.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct LocalScheduler<T> {
     config: SchedulerConfig,
     cache: RadixCache,
@@ -385,10 +385,10 @@ impl<T> LocalScheduler<T> {
             return;
         }
         let missing = want - seq.slots.len();
-        match self.cache.alloc(missing) {
-            Some(slots) => self.running[index].slots.extend(slots),
-            None => unreachable!("slots were checked before allocating"),
-        }
+        let got = self
+            .cache
+            .alloc_into(missing, &mut self.running[index].slots);
+        debug_assert!(got, "slots were checked before allocating");
     }
 
     fn prefill_chunk(&self, index: usize, budget: &mut u32) -> PlanItem {
