@@ -53,6 +53,8 @@ pub struct Options {
     pub gateway_env: Vec<(String, String)>,
     /// Extra scheduler flags.
     pub scheduler_args: Vec<String>,
+    /// Extra flags for every worker.
+    pub worker_args: Vec<String>,
 }
 
 impl Default for Options {
@@ -63,6 +65,7 @@ impl Default for Options {
             time_scale: 0.05,
             gateway_env: Vec::new(),
             scheduler_args: Vec::new(),
+            worker_args: Vec::new(),
         }
     }
 }
@@ -150,6 +153,7 @@ impl TestCluster {
                     "--heartbeat-ms",
                     "100",
                 ])
+                .args(&options.worker_args)
                 .stdout(Stdio::null())
                 .stderr(log(&id)?)
                 .spawn()
@@ -271,6 +275,12 @@ impl Drop for TestCluster {
 
 /// Reads one sample (the sum over all label sets) of `metric` from a Prometheus endpoint.
 pub async fn scrape(url: &str, metric: &str) -> Result<f64> {
+    scrape_where(url, metric, "").await
+}
+
+/// Reads the sum of `metric` over the label sets whose text contains `labels` (for example
+/// `kind="evicted"`; empty for all).
+pub async fn scrape_where(url: &str, metric: &str, labels: &str) -> Result<f64> {
     let text = reqwest::get(url).await?.text().await?;
     let mut found = false;
     let mut total = 0.0;
@@ -281,6 +291,10 @@ pub async fn scrape(url: &str, metric: &str) -> Result<f64> {
         let name_end = line.find(['{', ' ']).unwrap_or(line.len());
         if &line[..name_end] == metric {
             found = true;
+            let label_text = line[name_end..].split('}').next().unwrap_or("");
+            if !label_text.contains(labels) {
+                continue;
+            }
             let value = line.rsplit(' ').next().unwrap_or("0");
             total += value.parse::<f64>().unwrap_or(0.0);
         }

@@ -23,6 +23,8 @@ pub struct Metrics {
     pub outstanding: IntGaugeVec,
     /// Worker event sequence gaps seen.
     pub event_gaps: IntCounter,
+    /// Workers' KV-cache events received, by kind (`inserted`, `evicted`).
+    pub kv_events: IntCounterVec,
 }
 
 impl Metrics {
@@ -32,6 +34,17 @@ impl Metrics {
         use preble_telemetry::register as reg;
         let opts = Opts::new;
         Metrics {
+            kv_events: reg(
+                &registry,
+                IntCounterVec::new(
+                    opts(
+                        "preble:scheduler_kv_events_total",
+                        "Workers' KV-cache events received, by kind",
+                    ),
+                    &["kind"],
+                )
+                .expect("valid metric"),
+            ),
             decisions: reg(
                 &registry,
                 IntCounterVec::new(

@@ -14,7 +14,7 @@ use futures::StreamExt;
 use preble_policy::{ClusterView, Policy, RouteRequest};
 use preble_protocol::{
     Cancel, Dispatch, DispatchOutcome, DispatchReply, ErrorCode, GenerateRequest, PROTOCOL_VERSION,
-    StreamBody, StreamMessage, WorkerEvent, decode, encode,
+    StreamBody, StreamMessage, WorkerEvent, WorkerEventBody, decode, encode,
 };
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -326,6 +326,17 @@ impl Router {
             }
         };
         let observed = self.cluster.observe(&event, Instant::now());
+        match &event.body {
+            WorkerEventBody::KvInserted(_) => self
+                .metrics
+                .kv_events
+                .with_label_values(&["inserted"])
+                .inc(),
+            WorkerEventBody::KvEvicted(_) => {
+                self.metrics.kv_events.with_label_values(&["evicted"]).inc()
+            }
+            _ => {}
+        }
         if observed.gap {
             self.metrics.event_gaps.inc();
             warn!(worker = %event.worker_id, seq = event.seq, "gap in worker events");

@@ -47,6 +47,14 @@ pub struct Args {
     /// Most requests in the running batch.
     #[arg(long, env = "PREBLE_MAX_RUNNING", default_value_t = 256)]
     pub max_running: usize,
+    /// Priority groups of the wait queue, by cache-hit ratio (the paper uses 10).
+    #[arg(long, env = "PREBLE_PRIORITY_GROUPS", default_value_t = 10)]
+    pub priority_groups: usize,
+
+    /// Fraction of the running requests' remaining output kept free when admitting (higher:
+    /// fewer preemptions, smaller batches).
+    #[arg(long, env = "PREBLE_DECODE_RESERVE", default_value_t = 0.25)]
+    pub decode_reserve: f64,
     /// Heartbeat and load-report period, milliseconds.
     #[arg(long, env = "PREBLE_HEARTBEAT_MS", default_value_t = 500)]
     pub heartbeat_ms: u64,
@@ -82,6 +90,10 @@ pub struct Config {
     pub chunk_tokens: u32,
     /// Running-batch cap.
     pub max_running: usize,
+    /// Priority groups of the wait queue.
+    pub priority_groups: usize,
+    /// Output fraction kept free when admitting.
+    pub decode_reserve: f64,
     /// Heartbeat period.
     pub heartbeat: Duration,
     /// HTTP address.
@@ -106,8 +118,20 @@ impl Config {
                 args.time_scale
             );
         }
-        if args.chunk_tokens == 0 || args.max_running == 0 || args.heartbeat_ms == 0 {
-            bail!("--chunk-tokens, --max-running and --heartbeat-ms must be positive");
+        if !(0.0..=1.0).contains(&args.decode_reserve) {
+            bail!(
+                "--decode-reserve must be within 0..=1, not {}",
+                args.decode_reserve
+            );
+        }
+        if args.chunk_tokens == 0
+            || args.max_running == 0
+            || args.heartbeat_ms == 0
+            || args.priority_groups == 0
+        {
+            bail!(
+                "--chunk-tokens, --max-running, --heartbeat-ms and --priority-groups must be positive"
+            );
         }
         let mut model = ModelInfo::load(&args.model_dir)
             .with_context(|| format!("loading model directory {}", args.model_dir.display()))?;
@@ -129,6 +153,8 @@ impl Config {
             kv_capacity_tokens,
             chunk_tokens: args.chunk_tokens,
             max_running: args.max_running,
+            priority_groups: args.priority_groups,
+            decode_reserve: args.decode_reserve,
             heartbeat: Duration::from_millis(args.heartbeat_ms),
             http_addr: args.http_addr,
             drain_timeout: Duration::from_secs(args.drain_timeout_s),

@@ -4,13 +4,14 @@
 //! - [`config`]: flags and the validated configuration.
 //! - [`model`]: what the worker knows about its model directory (vocabulary, context, stop ids).
 //! - [`engine`]: the engine trait and the `sim` engine (cost-model time, deterministic tokens).
-//! - [`batch`]: the per-iteration scheduler: waiting queue, running batch, chunked prefill.
+//! - [`engine_loop`]: the loop that owns the local scheduler (`preble-localsched`) and the
+//!   engine, streams tokens and reports cache changes and load.
 //! - [`service`]: the NATS side: dispatch, cancellation, token streams, events.
 //! - [`metrics`]: Prometheus metrics (served on `/metrics` with `/health`).
 
-pub mod batch;
 pub mod config;
 pub mod engine;
+pub mod engine_loop;
 pub mod metrics;
 pub mod model;
 pub mod service;

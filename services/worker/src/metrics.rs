@@ -23,8 +23,16 @@ pub struct Metrics {
     pub running: IntGauge,
     /// Requests waiting.
     pub waiting: IntGauge,
-    /// Reserved KV slots.
+    /// KV slots in use (cache plus requests' own).
     pub kv_used_tokens: IntGauge,
+    /// Tokens held by the prefix cache.
+    pub kv_cached_tokens: IntGauge,
+    /// Prompt tokens served from the prefix cache instead of computed.
+    pub prefix_hit_tokens: IntCounter,
+    /// Requests preempted (to be recomputed) because decodes ran out of KV slots.
+    pub preemptions: IntCounter,
+    /// Cache events published, by kind (`inserted`, `evicted`).
+    pub kv_events: IntCounterVec,
     /// Malformed messages received.
     pub malformed_messages: IntCounter,
     /// Worker-side time to first token.
@@ -72,7 +80,31 @@ impl Metrics {
         registry
             .register(Box::new(requests_finished.clone()))
             .expect("unique metric");
+        let kv_events = IntCounterVec::new(
+            Opts::new(
+                "preble:kv_events_total",
+                "KV-cache events published, by kind",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(kv_events.clone()))
+            .expect("unique metric");
         Metrics {
+            kv_events,
+            kv_cached_tokens: gauge(
+                "preble:kv_cache_cached_tokens",
+                "Tokens held by the prefix cache",
+            ),
+            prefix_hit_tokens: counter(
+                "preble:prefix_cache_hit_tokens_total",
+                "Prompt tokens served from the prefix cache",
+            ),
+            preemptions: counter(
+                "preble:num_preemptions_total",
+                "Requests preempted for lack of KV slots",
+            ),
             requests_accepted: counter("preble:requests_accepted_total", "Requests accepted"),
             requests_rejected: counter(
                 "preble:requests_rejected_total",
@@ -93,7 +125,7 @@ impl Metrics {
                 "preble:num_requests_waiting",
                 "Requests waiting for admission",
             ),
-            kv_used_tokens: gauge("preble:kv_cache_used_tokens", "Reserved KV-cache slots"),
+            kv_used_tokens: gauge("preble:kv_cache_used_tokens", "KV-cache slots in use"),
             malformed_messages: counter(
                 "preble:malformed_messages_total",
                 "Malformed messages received",

@@ -1,40 +1,30 @@
-//! The worker service: takes dispatched requests over NATS, runs them through the batcher and
-//! the engine, streams tokens back, and reports heartbeats, load and finished requests.
+//! The worker service: takes dispatched requests over NATS, runs them through the local
+//! scheduler and the engine, streams tokens back, and reports heartbeats, load, cache changes
+//! and finished requests.
 //!
-//! Tasks: one engine loop owns the batcher and the engine (no shared locks); the dispatch,
-//! cancel and digest subscribers talk to it through a command channel; one events task
-//! numbers and publishes worker events in order; one heartbeat task; the HTTP endpoint.
+//! Tasks: the engine loop owns the local scheduler (with the KV cache) and the engine (no
+//! shared locks); the dispatch, cancel and digest subscribers talk to it through a command
+//! channel; one events task numbers and publishes worker events in order; one heartbeat task;
+//! the HTTP endpoint.
 
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use async_nats::{Client, Subject};
 use futures::StreamExt;
-use preble_costmodel::SeqWork;
+use preble_localsched::SchedulerConfig;
 use preble_protocol::{
-    Cancel, Digest, DigestRequest, Dispatch, DispatchOutcome, DispatchReply, ErrorCode,
-    FinishReason, FinishedRequest, Heartbeat, LoadReport, PROTOCOL_VERSION, StreamBody,
-    StreamMessage, Timings, Usage, WorkerEvent, WorkerEventBody, decode, encode,
+    Cancel, Digest, DigestRequest, Dispatch, DispatchOutcome, DispatchReply, ErrorCode, Heartbeat,
+    LoadReport, PROTOCOL_VERSION, WorkerEvent, WorkerEventBody, decode, encode,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::batch::{Batcher, Sequence};
 use crate::config::Config;
-use crate::engine::{Engine, SimEngine, StepSeq, sim::hash_tokens};
+use crate::engine::SimEngine;
+use crate::engine_loop::{Active, Command, EngineLoop, Outgoing};
 use crate::metrics::Metrics;
-
-/// Commands to the engine loop.
-#[derive(Debug)]
-enum Command {
-    /// Run this accepted request.
-    Admit(Box<Sequence>),
-    /// Stop this request.
-    Cancel(String),
-    /// Finish what is running, then stop; cancel what is left at the deadline.
-    Drain(Instant),
-}
 
 /// Runs a worker until `shutdown` resolves, then drains and returns.
 pub async fn run(
@@ -72,20 +62,21 @@ pub async fn run(
         config.model.vocab_size,
         &config.model.special_token_ids,
     );
-    let engine_loop = EngineLoop {
-        client: client.clone(),
-        engine: Box::new(engine),
-        batcher: Batcher::new(
-            config.kv_capacity_tokens,
-            config.chunk_tokens,
-            config.max_running,
-        ),
-        metrics: metrics.clone(),
-        events: events_tx.clone(),
-        load: load_tx,
-        eos: config.model.eos_token_ids.clone(),
-        draining_until: None,
-    };
+    let engine_loop = EngineLoop::new(
+        client.clone(),
+        Box::new(engine),
+        SchedulerConfig {
+            kv_capacity: config.kv_capacity_tokens.min(u64::from(u32::MAX)) as u32,
+            prefill_budget: config.chunk_tokens,
+            max_running: config.max_running,
+            priority_groups: config.priority_groups,
+            decode_reserve: config.decode_reserve,
+        },
+        metrics.clone(),
+        events_tx.clone(),
+        load_tx,
+        config.model.eos_token_ids.clone(),
+    );
     let engine_task = tokio::spawn(engine_loop.run(commands_rx));
 
     let dispatch_sub = client
@@ -111,9 +102,8 @@ pub async fn run(
         metrics.clone(),
     ));
     let digest_task = tokio::spawn(serve_digest(
-        client.clone(),
-        config.worker_id.clone(),
         digest_sub,
+        commands_tx.clone(),
         metrics.clone(),
     ));
     let heartbeat_task = tokio::spawn(heartbeat(
@@ -134,7 +124,7 @@ pub async fn run(
     info!(worker = %config.worker_id, "shutting down: draining");
     stop.cancel();
     let _ = dispatch_task.await;
-    let _ = events_tx.send(WorkerEventBody::Leaving);
+    let _ = events_tx.send(Outgoing::Event(WorkerEventBody::Leaving));
     let _ = commands_tx.send(Command::Drain(Instant::now() + config.drain_timeout));
     let _ = engine_task.await;
     cancel_task.abort();
@@ -149,24 +139,33 @@ pub async fn run(
     Ok(())
 }
 
-/// Numbers worker events in order and publishes them.
+/// Numbers worker events in order and publishes them; digest parts go to their asker with
+/// the number of the next event.
 async fn publish_events(
     client: Client,
     subject: String,
     worker_id: String,
-    mut events: mpsc::UnboundedReceiver<WorkerEventBody>,
+    mut events: mpsc::UnboundedReceiver<Outgoing>,
 ) {
     let mut seq = 0u64;
-    while let Some(body) = events.recv().await {
+    while let Some(outgoing) = events.recv().await {
+        let (to, body, this_seq) = match outgoing {
+            Outgoing::Event(body) => {
+                seq += 1;
+                (Subject::from(subject.as_str()), body, seq - 1)
+            }
+            Outgoing::Digest { to, spans, more } => {
+                (to, WorkerEventBody::Digest(Digest { spans, more }), seq)
+            }
+        };
         let event = WorkerEvent {
             v: PROTOCOL_VERSION,
             worker_id: worker_id.clone(),
-            seq,
+            seq: this_seq,
             at_ms: preble_telemetry::unix_ms(),
             body,
         };
-        seq += 1;
-        if let Err(e) = client.publish(subject.clone(), encode(&event).into()).await {
+        if let Err(e) = client.publish(to, encode(&event).into()).await {
             warn!(error = %e, "failed to publish worker event");
         }
     }
@@ -176,7 +175,7 @@ async fn publish_events(
 /// Sends a heartbeat and a load report every period until stopped.
 async fn heartbeat(
     config: Config,
-    events: mpsc::UnboundedSender<WorkerEventBody>,
+    events: mpsc::UnboundedSender<Outgoing>,
     load: watch::Receiver<LoadReport>,
     stop: CancellationToken,
 ) {
@@ -195,8 +194,12 @@ async fn heartbeat(
             period_ms: config.heartbeat.as_millis() as u64,
         };
         let report = *load.borrow();
-        if events.send(WorkerEventBody::Heartbeat(beat)).is_err()
-            || events.send(WorkerEventBody::Load(report)).is_err()
+        if events
+            .send(Outgoing::Event(WorkerEventBody::Heartbeat(beat)))
+            .is_err()
+            || events
+                .send(Outgoing::Event(WorkerEventBody::Load(report)))
+                .is_err()
         {
             return;
         }
@@ -235,10 +238,22 @@ async fn serve_dispatch(
                     metrics
                         .prompt_tokens
                         .inc_by(request.prompt_tokens.len() as u64);
-                    let hash = hash_tokens(&request.prompt_tokens);
                     debug!(request = %request.request_id, "accepted");
-                    let seq = Sequence::new(request, hash, Instant::now());
-                    if commands.send(Command::Admit(Box::new(seq))).is_err() {
+                    let active = Active {
+                        prompt_hash: preble_prefix::path_hash(&request.prompt_tokens),
+                        request_id: request.request_id,
+                        stream_subject: request.stream_subject,
+                        sampling: request.sampling,
+                        next_stream_seq: 0,
+                        accepted_at: Instant::now(),
+                        started_at: None,
+                        first_token_at: None,
+                    };
+                    let admit = Command::Admit {
+                        active: Box::new(active),
+                        prompt: request.prompt_tokens,
+                    };
+                    if commands.send(admit).is_err() {
                         reject(ErrorCode::Overloaded, "worker is stopping".into(), true)
                     } else {
                         DispatchOutcome::Accepted
@@ -368,278 +383,24 @@ async fn serve_cancel(
     }
 }
 
-/// Answers digest requests. This worker keeps no prefix cache yet, so its digest is empty.
+/// Answers digest requests: the engine loop, which owns the cache, sends the digest.
 async fn serve_digest(
-    client: Client,
-    worker_id: String,
     mut sub: async_nats::Subscriber,
+    commands: mpsc::UnboundedSender<Command>,
     metrics: Metrics,
 ) {
     while let Some(message) = sub.next().await {
         if let Err(e) = decode::<DigestRequest>(&message.payload) {
             metrics.malformed_messages.inc();
             warn!(error = %e, "malformed digest request");
+            continue;
         }
-        let Some(to) = message.reply else { continue };
-        let event = WorkerEvent {
-            v: PROTOCOL_VERSION,
-            worker_id: worker_id.clone(),
-            seq: 0,
-            at_ms: preble_telemetry::unix_ms(),
-            body: WorkerEventBody::Digest(Digest::default()),
+        let Some(to) = message.reply else {
+            warn!("digest request without a reply subject");
+            continue;
         };
-        client.publish(to, encode(&event).into()).await.ok();
-    }
-}
-
-/// Owns the batcher and the engine; one iteration at a time.
-struct EngineLoop {
-    client: Client,
-    engine: Box<dyn Engine>,
-    batcher: Batcher,
-    metrics: Metrics,
-    events: mpsc::UnboundedSender<WorkerEventBody>,
-    load: watch::Sender<LoadReport>,
-    eos: Vec<u32>,
-    draining_until: Option<Instant>,
-}
-
-/// How a sequence ended.
-enum Ending {
-    Finished(FinishReason),
-    Failed(ErrorCode, String),
-}
-
-impl EngineLoop {
-    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
-        loop {
-            if self.batcher.is_idle() {
-                self.report_load();
-                if self.draining_until.is_some() {
-                    break;
-                }
-                match commands.recv().await {
-                    Some(command) => self.apply(command).await,
-                    None => break,
-                }
-                continue;
-            }
-            while let Ok(command) = commands.try_recv() {
-                self.apply(command).await;
-            }
-            if self.draining_until.is_some_and(|d| Instant::now() >= d) {
-                for seq in self.batcher.drain_all() {
-                    self.end(
-                        seq,
-                        Ending::Failed(ErrorCode::Cancelled, "worker shut down".into()),
-                    )
-                    .await;
-                }
-                break;
-            }
-            self.iterate().await;
-        }
-        self.report_load();
-    }
-
-    async fn apply(&mut self, command: Command) {
-        match command {
-            Command::Admit(seq) => {
-                if let Err(e) = self.batcher.enqueue(*seq) {
-                    warn!(error = %e, "admitted a request that can never run");
-                }
-            }
-            Command::Cancel(id) => {
-                if let Some(seq) = self.batcher.remove(&id) {
-                    debug!(request = %id, "cancelled");
-                    self.end(seq, Ending::Finished(FinishReason::Cancelled))
-                        .await;
-                }
-            }
-            Command::Drain(deadline) => self.draining_until = Some(deadline),
-        }
-    }
-
-    async fn iterate(&mut self) {
-        let plan = self.batcher.plan();
-        if plan.is_empty() {
-            // Waiting requests that do not fit yet while nothing runs cannot happen (admission
-            // checks they fit an empty cache); yield rather than spin if it ever does.
-            tokio::task::yield_now().await;
+        if commands.send(Command::Digest(to)).is_err() {
             return;
         }
-        let began = Instant::now();
-        let steps: Vec<StepSeq<'_>> = plan
-            .iter()
-            .map(|p| {
-                let seq = &self.batcher.running[p.index];
-                StepSeq {
-                    prompt: &seq.request.prompt_tokens,
-                    prompt_hash: seq.prompt_hash,
-                    seed: seq.request.sampling.seed.unwrap_or(0),
-                    output_index: seq.generated,
-                    work: p.work,
-                    samples: p.samples,
-                }
-            })
-            .collect();
-        let output = self.engine.step(&steps);
-        drop(steps);
-        for p in &plan {
-            let seq = &mut self.batcher.running[p.index];
-            seq.started_at.get_or_insert(began);
-        }
-        tokio::time::sleep(output.busy_for).await;
-        self.metrics.iterations.inc();
-        self.metrics
-            .iteration_seconds
-            .observe(began.elapsed().as_secs_f64());
-
-        let mut endings: Vec<(usize, Ending)> = Vec::new();
-        for (p, token) in plan.iter().zip(output.tokens) {
-            let seq = &mut self.batcher.running[p.index];
-            if !seq.is_decoding() {
-                seq.prefilled += p.work.extend;
-            }
-            let Some(token) = token else { continue };
-            seq.generated += 1;
-            self.metrics.generation_tokens.inc();
-            if seq.first_token_at.is_none() {
-                seq.first_token_at = Some(Instant::now());
-                self.metrics
-                    .time_to_first_token
-                    .observe(seq.accepted_at.elapsed().as_secs_f64());
-            }
-            let stops = seq.request.sampling.stop_token_ids.contains(&token)
-                || (!seq.request.sampling.ignore_eos && self.eos.contains(&token));
-            if stops {
-                endings.push((p.index, Ending::Finished(FinishReason::Stop)));
-                continue;
-            }
-            let message = StreamMessage {
-                v: PROTOCOL_VERSION,
-                request_id: seq.request.request_id.clone(),
-                seq: seq.next_stream_seq,
-                body: StreamBody::Tokens {
-                    token_ids: vec![token],
-                },
-            };
-            seq.next_stream_seq += 1;
-            let subject = seq.request.stream_subject.clone();
-            if seq.generated >= seq.request.sampling.max_tokens {
-                endings.push((p.index, Ending::Finished(FinishReason::Length)));
-            }
-            if let Err(e) = self.client.publish(subject, encode(&message).into()).await {
-                warn!(error = %e, "failed to publish tokens");
-            }
-        }
-        // Descending order keeps the remaining indices valid across swap_remove.
-        endings.sort_by_key(|e| std::cmp::Reverse(e.0));
-        for (index, ending) in endings {
-            let seq = self.batcher.finish(index);
-            self.end(seq, ending).await;
-        }
-        self.report_load();
-    }
-
-    /// Sends the final stream message and the finished event.
-    async fn end(&mut self, seq: Sequence, ending: Ending) {
-        let usage = Usage {
-            prompt_tokens: seq.prompt_len(),
-            cached_tokens: seq.cached,
-            completion_tokens: seq.generated,
-        };
-        let since = |t: Option<Instant>| {
-            t.map(|t| t.duration_since(seq.accepted_at).as_micros() as u64)
-                .unwrap_or(0)
-        };
-        let timings = Timings {
-            queue_us: since(seq.started_at),
-            first_token_us: since(seq.first_token_at),
-            total_us: seq.accepted_at.elapsed().as_micros() as u64,
-        };
-        let (body, finish_reason, label) = match ending {
-            Ending::Finished(reason) => (
-                StreamBody::Final {
-                    finish_reason: reason,
-                    usage,
-                    timings,
-                },
-                Some(reason),
-                reason.as_str(),
-            ),
-            Ending::Failed(code, message) => (StreamBody::Error { code, message }, None, "error"),
-        };
-        self.metrics
-            .requests_finished
-            .with_label_values(&[label])
-            .inc();
-        let message = StreamMessage {
-            v: PROTOCOL_VERSION,
-            request_id: seq.request.request_id.clone(),
-            seq: seq.next_stream_seq,
-            body,
-        };
-        if let Err(e) = self
-            .client
-            .publish(seq.request.stream_subject.clone(), encode(&message).into())
-            .await
-        {
-            warn!(error = %e, "failed to publish the end of a stream");
-        }
-        let ttft_ms = since(seq.first_token_at) as f64 / 1e3;
-        let tpot_ms = match seq.first_token_at {
-            Some(first) if seq.generated > 1 => {
-                first.elapsed().as_secs_f64() * 1e3 / f64::from(seq.generated - 1)
-            }
-            _ => 0.0,
-        };
-        let _ = self.events.send(WorkerEventBody::Finished(FinishedRequest {
-            request_id: seq.request.request_id,
-            finish_reason,
-            usage,
-            ttft_ms,
-            tpot_ms,
-        }));
-    }
-
-    fn report_load(&mut self) {
-        let load = self.batcher.load();
-        self.metrics.running.set(i64::from(load.running));
-        self.metrics.waiting.set(i64::from(load.waiting));
-        self.metrics
-            .kv_used_tokens
-            .set((self.batcher.kv_capacity() - load.free_kv_tokens) as i64);
-        let remaining_decode_steps = self
-            .batcher
-            .running
-            .iter()
-            .map(|s| s.request.sampling.max_tokens.saturating_sub(s.generated))
-            .max()
-            .unwrap_or(0);
-        let prefill_ms = if load.queued_prefill_tokens > 0 {
-            self.engine.estimate_ms(&[SeqWork {
-                extend: load.queued_prefill_tokens.min(u64::from(u32::MAX)) as u32,
-                context: 0,
-            }])
-        } else {
-            0.0
-        };
-        let per_decode = if load.running > 0 {
-            let each = (load.running_decode_tokens / u64::from(load.running)) as u32;
-            self.engine
-                .estimate_ms(&vec![SeqWork::decode(each); load.running as usize])
-        } else {
-            0.0
-        };
-        let report = LoadReport {
-            running: load.running,
-            waiting: load.waiting,
-            queued_prefill_tokens: load.queued_prefill_tokens,
-            running_decode_tokens: load.running_decode_tokens,
-            free_kv_tokens: load.free_kv_tokens,
-            est_drain_ms: prefill_ms + per_decode * f64::from(remaining_decode_steps),
-        };
-        self.load.send_replace(report);
     }
 }

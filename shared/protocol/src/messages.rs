@@ -310,11 +310,14 @@ pub enum WorkerEventBody {
     Heartbeat(Heartbeat),
     /// My current load.
     Load(LoadReport),
-    /// My KV cache now holds `tokens` after the path whose hash is `parent_hash`.
+    /// My KV cache now holds `tokens` after the path whose hash is `parent_hash`, with a node
+    /// boundary after them.
     KvInserted(KvInserted),
-    /// My KV cache dropped the span named by `path_hash`.
+    /// My KV cache dropped the last `num_tokens` tokens of the path named by `path_hash`.
     KvEvicted(KvEvicted),
-    /// The full content of my KV cache (answer to a digest request, or after a restart).
+    /// The full content of my KV cache (answer to a digest request). It is sent only to the
+    /// asker and takes no sequence number of its own: its `seq` is that of the next event on
+    /// the events subject, so the asker applies the digest, then the events from `seq` on.
     Digest(Digest),
     /// A request left me (finished, failed or cancelled).
     Finished(FinishedRequest),
@@ -348,13 +351,22 @@ pub struct LoadReport {
     pub queued_prefill_tokens: u64,
     /// Context tokens of the requests that are decoding.
     pub running_decode_tokens: u64,
-    /// Free KV slots.
+    /// KV slots that could be had now (free, or cached and unused by any request).
     pub free_kv_tokens: u64,
     /// Estimated time to finish everything queued, by the cost model, in milliseconds.
     pub est_drain_ms: f64,
+    /// Tokens held by the prefix cache.
+    #[serde(default)]
+    pub cached_tokens: u64,
+    /// Output tokens the running requests may still generate.
+    #[serde(default)]
+    pub remaining_decode_tokens: u64,
 }
 
-/// A span of tokens newly cached by a worker.
+/// A span of tokens cached by a worker. Path hashes are `preble_prefix::path_hash` of the
+/// token path from the root. The span follows a node boundary the receiver already knows (from
+/// an earlier insert or a digest), and may repeat tokens it already holds: an edge split in
+/// two is announced as an insert of its upper part, so receivers learn every boundary.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct KvInserted {
     /// Hash of the path from the root to the span's parent (0 for the root).
@@ -374,11 +386,15 @@ pub struct KvEvicted {
     pub num_tokens: u32,
 }
 
-/// Everything a worker's KV cache holds: each root-to-leaf token path.
+/// Everything a worker's KV cache holds: one span per node of its radix tree, each after the
+/// span it follows (replaying them as inserts on an empty mirror rebuilds the tree).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Digest {
-    /// One entry per cached leaf, the full path of tokens from the root.
-    pub paths: Vec<Vec<u32>>,
+    /// The tree's nodes, parents first.
+    pub spans: Vec<KvInserted>,
+    /// More parts follow (a large cache is sent in several messages, in order).
+    #[serde(default)]
+    pub more: bool,
 }
 
 /// Ask a worker for its [`Digest`] (request-reply on its digest subject; the answer is a

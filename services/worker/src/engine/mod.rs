@@ -12,8 +12,12 @@ pub use sim::SimEngine;
 /// One sequence's part in an iteration.
 #[derive(Clone, Copy, Debug)]
 pub struct StepSeq<'a> {
-    /// The whole prompt.
-    pub prompt: &'a [u32],
+    /// Prompt then generated tokens; this step computes
+    /// `tokens[work.context..work.context + work.extend]`.
+    pub tokens: &'a [u32],
+    /// KV slots of `tokens[..work.context + work.extend]`, one per token: the engine reads the
+    /// context's KV from the first `work.context` and writes the new tokens' KV to the rest.
+    pub slots: &'a [u32],
     /// A hash of the prompt (computed once per request).
     pub prompt_hash: u64,
     /// Sampling seed.

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use preble_costmodel::{Profile, SeqWork};
+use preble_prefix::mix64;
 
 use super::{Engine, StepOutput, StepSeq};
 
@@ -30,21 +31,6 @@ impl SimEngine {
             vocab,
         }
     }
-}
-
-/// SplitMix64's finaliser.
-fn mix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
-
-/// A hash of a token sequence (order-sensitive).
-pub fn hash_tokens(tokens: &[u32]) -> u64 {
-    tokens
-        .iter()
-        .fold(0x243F_6A88_85A3_08D3, |h, &t| mix64(h ^ u64::from(t)))
 }
 
 impl SimEngine {
@@ -88,7 +74,7 @@ mod tests {
     #[test]
     fn tokens_are_deterministic_and_avoid_special_ids() {
         let e = SimEngine::new(Profile::a6000_mistral_7b(), 1.0, 50, &[0, 1, 2]);
-        let h = hash_tokens(&[5, 6, 7]);
+        let h = preble_prefix::path_hash(&[5, 6, 7]);
         let a: Vec<u32> = (0..100).map(|i| e.token(h, 3, i)).collect();
         let b: Vec<u32> = (0..100).map(|i| e.token(h, 3, i)).collect();
         assert_eq!(a, b);
@@ -104,7 +90,8 @@ mod tests {
         let mut e = SimEngine::new(p, 0.5, 50, &[]);
         let prompt = [1u32; 100];
         let out = e.step(&[StepSeq {
-            prompt: &prompt,
+            tokens: &prompt,
+            slots: &[0; 100],
             prompt_hash: 1,
             seed: 0,
             output_index: 0,

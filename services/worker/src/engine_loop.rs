@@ -1,0 +1,459 @@
+//! The engine loop: owns the local scheduler and the engine, runs one iteration at a time,
+//! streams tokens, ends requests, and turns cache changes and load into worker events.
+//!
+//! It is the only owner of the KV cache, so other tasks talk to it through [`Command`]s.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use async_nats::{Client, Subject};
+use preble_costmodel::SeqWork;
+use preble_localsched::{CacheEvent, CacheSpan, LocalScheduler, SchedulerConfig, SeqId, Sequence};
+use preble_protocol::{
+    ErrorCode, FinishReason, FinishedRequest, KvEvicted, KvInserted, LoadReport, PROTOCOL_VERSION,
+    SamplingParams, StreamBody, StreamMessage, Timings, Usage, WorkerEventBody, encode,
+};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, warn};
+
+use crate::engine::{Engine, StepSeq};
+use crate::metrics::Metrics;
+
+/// A request's serving state, carried through the local scheduler.
+#[derive(Debug)]
+pub struct Active {
+    /// The request id.
+    pub request_id: String,
+    /// Where its tokens go.
+    pub stream_subject: String,
+    /// How to sample.
+    pub sampling: SamplingParams,
+    /// Hash of its prompt (the sim engine's tokens depend on it).
+    pub prompt_hash: u64,
+    /// Next stream sequence number.
+    pub next_stream_seq: u64,
+    /// When the worker accepted it.
+    pub accepted_at: Instant,
+    /// When an iteration first computed part of it.
+    pub started_at: Option<Instant>,
+    /// When its first token was published.
+    pub first_token_at: Option<Instant>,
+}
+
+/// Commands to the engine loop.
+#[derive(Debug)]
+pub enum Command {
+    /// Run this accepted request.
+    Admit {
+        /// Its state.
+        active: Box<Active>,
+        /// Its prompt.
+        prompt: Vec<u32>,
+    },
+    /// Stop this request.
+    Cancel(String),
+    /// Send the cache's digest to this subject.
+    Digest(Subject),
+    /// Finish what is running, then stop; cancel what is left at the deadline.
+    Drain(Instant),
+}
+
+/// What the events task publishes, in order.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// An event for the events subject (takes the next sequence number).
+    Event(WorkerEventBody),
+    /// Part of a digest for one asker (takes no sequence number; see the protocol).
+    Digest {
+        /// The asker's inbox.
+        to: Subject,
+        /// Spans of this part.
+        spans: Vec<KvInserted>,
+        /// Whether more parts follow.
+        more: bool,
+    },
+}
+
+/// Tokens per digest message at most (keeps messages under NATS's default payload limit).
+const DIGEST_PART_TOKENS: usize = 100_000;
+
+/// How a request ended.
+enum Ending {
+    Finished(FinishReason),
+    Failed(ErrorCode, String),
+}
+
+/// Owns the local scheduler and the engine; one iteration at a time.
+pub struct EngineLoop {
+    client: Client,
+    engine: Box<dyn Engine>,
+    sched: LocalScheduler<Active>,
+    ids: HashMap<String, SeqId>,
+    metrics: Metrics,
+    events: mpsc::UnboundedSender<Outgoing>,
+    load: watch::Sender<LoadReport>,
+    eos: Vec<u32>,
+    draining_until: Option<Instant>,
+}
+
+impl EngineLoop {
+    /// A loop over `engine` with a local scheduler of `config`.
+    pub fn new(
+        client: Client,
+        engine: Box<dyn Engine>,
+        config: SchedulerConfig,
+        metrics: Metrics,
+        events: mpsc::UnboundedSender<Outgoing>,
+        load: watch::Sender<LoadReport>,
+        eos: Vec<u32>,
+    ) -> Self {
+        Self {
+            client,
+            engine,
+            sched: LocalScheduler::new(config),
+            ids: HashMap::new(),
+            metrics,
+            events,
+            load,
+            eos,
+            draining_until: None,
+        }
+    }
+
+    /// Runs until drained (or every command sender is gone).
+    pub async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        loop {
+            if self.sched.is_idle() {
+                self.report_load();
+                if self.draining_until.is_some() {
+                    break;
+                }
+                match commands.recv().await {
+                    Some(command) => self.apply(command).await,
+                    None => break,
+                }
+                continue;
+            }
+            while let Ok(command) = commands.try_recv() {
+                self.apply(command).await;
+            }
+            if self.draining_until.is_some_and(|d| Instant::now() >= d) {
+                for seq in self.sched.drain() {
+                    self.end(
+                        seq,
+                        Ending::Failed(ErrorCode::Cancelled, "worker shut down".into()),
+                    )
+                    .await;
+                }
+                break;
+            }
+            self.iterate().await;
+        }
+        self.publish_cache_events();
+        self.report_load();
+    }
+
+    async fn apply(&mut self, command: Command) {
+        match command {
+            Command::Admit { active, prompt } => {
+                let max_tokens = active.sampling.max_tokens;
+                if let Err(e) = self.sched.check(prompt.len(), max_tokens) {
+                    warn!(error = %e, "accepted a request that can never run");
+                    let message = e.to_string();
+                    self.fail_unqueued(*active, ErrorCode::ContextLengthExceeded, message)
+                        .await;
+                    return;
+                }
+                let request_id = active.request_id.clone();
+                match self.sched.enqueue(*active, prompt, max_tokens) {
+                    Ok(id) => {
+                        self.ids.insert(request_id, id);
+                    }
+                    Err(e) => warn!(error = %e, "checked request refused"),
+                }
+            }
+            Command::Cancel(request_id) => {
+                let Some(id) = self.ids.remove(&request_id) else {
+                    return;
+                };
+                if let Some(seq) = self.sched.remove(id) {
+                    debug!(request = %request_id, "cancelled");
+                    self.end(seq, Ending::Finished(FinishReason::Cancelled))
+                        .await;
+                    self.publish_cache_events();
+                }
+            }
+            Command::Digest(to) => self.send_digest(to),
+            Command::Drain(deadline) => self.draining_until = Some(deadline),
+        }
+    }
+
+    async fn iterate(&mut self) {
+        let plan = self.sched.plan();
+        self.metrics.preemptions.inc_by(plan.preempted.len() as u64);
+        if plan.is_empty() {
+            // Cannot happen while requests wait (admission with nothing running always fits);
+            // yield rather than spin if it ever does.
+            tokio::task::yield_now().await;
+            return;
+        }
+        let began = Instant::now();
+        for item in &plan.items {
+            let seq = self.sched.running_mut(item.index);
+            if seq.payload.started_at.is_none() {
+                seq.payload.started_at = Some(began);
+                self.metrics
+                    .prefix_hit_tokens
+                    .inc_by(u64::from(seq.cached_prompt_tokens()));
+            }
+        }
+        let steps: Vec<StepSeq<'_>> = plan
+            .items
+            .iter()
+            .map(|item| {
+                let seq = &self.sched.running()[item.index];
+                StepSeq {
+                    tokens: seq.tokens(),
+                    slots: &seq.slots()[..(item.start + item.extend) as usize],
+                    prompt_hash: seq.payload.prompt_hash,
+                    seed: seq.payload.sampling.seed.unwrap_or(0),
+                    output_index: seq.generated().len() as u32,
+                    work: SeqWork {
+                        extend: item.extend,
+                        context: item.start,
+                    },
+                    samples: item.samples,
+                }
+            })
+            .collect();
+        let output = self.engine.step(&steps);
+        drop(steps);
+        tokio::time::sleep(output.busy_for).await;
+        self.metrics.iterations.inc();
+        self.metrics
+            .iteration_seconds
+            .observe(began.elapsed().as_secs_f64());
+
+        let sampled = self.sched.commit(&plan, &output.tokens);
+        let mut endings: Vec<(usize, Ending)> = Vec::new();
+        for (index, token) in sampled {
+            let seq = self.sched.running_mut(index);
+            self.metrics.generation_tokens.inc();
+            if seq.payload.first_token_at.is_none() {
+                seq.payload.first_token_at = Some(Instant::now());
+                self.metrics
+                    .time_to_first_token
+                    .observe(seq.payload.accepted_at.elapsed().as_secs_f64());
+            }
+            let sampling = &seq.payload.sampling;
+            if sampling.stop_token_ids.contains(&token)
+                || (!sampling.ignore_eos && self.eos.contains(&token))
+            {
+                endings.push((index, Ending::Finished(FinishReason::Stop)));
+                continue;
+            }
+            let generated = seq.generated().len() as u32;
+            let active = &mut seq.payload;
+            let message = StreamMessage {
+                v: PROTOCOL_VERSION,
+                request_id: active.request_id.clone(),
+                seq: active.next_stream_seq,
+                body: StreamBody::Tokens {
+                    token_ids: vec![token],
+                },
+            };
+            active.next_stream_seq += 1;
+            let subject = active.stream_subject.clone();
+            if generated >= active.sampling.max_tokens {
+                endings.push((index, Ending::Finished(FinishReason::Length)));
+            }
+            if let Err(e) = self.client.publish(subject, encode(&message).into()).await {
+                warn!(error = %e, "failed to publish tokens");
+            }
+        }
+        // Descending order keeps the remaining indices valid.
+        endings.sort_by_key(|e| std::cmp::Reverse(e.0));
+        for (index, ending) in endings {
+            let seq = self.sched.finish(index);
+            self.end(seq, ending).await;
+        }
+        self.publish_cache_events();
+        self.report_load();
+    }
+
+    /// Sends the final stream message and the finished event.
+    async fn end(&mut self, seq: Sequence<Active>, ending: Ending) {
+        let usage = Usage {
+            prompt_tokens: seq.prompt_len(),
+            cached_tokens: seq.cached_prompt_tokens(),
+            completion_tokens: seq.generated().len() as u32,
+        };
+        self.ids.remove(&seq.payload.request_id);
+        self.finish_stream(seq.payload, usage, ending).await;
+    }
+
+    /// Ends a request that never reached the scheduler's queue.
+    async fn fail_unqueued(&mut self, active: Active, code: ErrorCode, message: String) {
+        let usage = Usage::default();
+        self.finish_stream(active, usage, Ending::Failed(code, message))
+            .await;
+    }
+
+    async fn finish_stream(&mut self, active: Active, usage: Usage, ending: Ending) {
+        let since = |t: Option<Instant>| {
+            t.map(|t| t.duration_since(active.accepted_at).as_micros() as u64)
+                .unwrap_or(0)
+        };
+        let timings = Timings {
+            queue_us: since(active.started_at),
+            first_token_us: since(active.first_token_at),
+            total_us: active.accepted_at.elapsed().as_micros() as u64,
+        };
+        let (body, finish_reason, label) = match ending {
+            Ending::Finished(reason) => (
+                StreamBody::Final {
+                    finish_reason: reason,
+                    usage,
+                    timings,
+                },
+                Some(reason),
+                reason.as_str(),
+            ),
+            Ending::Failed(code, message) => (StreamBody::Error { code, message }, None, "error"),
+        };
+        self.metrics
+            .requests_finished
+            .with_label_values(&[label])
+            .inc();
+        let message = StreamMessage {
+            v: PROTOCOL_VERSION,
+            request_id: active.request_id.clone(),
+            seq: active.next_stream_seq,
+            body,
+        };
+        if let Err(e) = self
+            .client
+            .publish(active.stream_subject.clone(), encode(&message).into())
+            .await
+        {
+            warn!(error = %e, "failed to publish the end of a stream");
+        }
+        let ttft_ms = since(active.first_token_at) as f64 / 1e3;
+        let tpot_ms = match active.first_token_at {
+            Some(first) if usage.completion_tokens > 1 => {
+                first.elapsed().as_secs_f64() * 1e3 / f64::from(usage.completion_tokens - 1)
+            }
+            _ => 0.0,
+        };
+        let _ = self.events.send(Outgoing::Event(WorkerEventBody::Finished(
+            FinishedRequest {
+                request_id: active.request_id,
+                finish_reason,
+                usage,
+                ttft_ms,
+                tpot_ms,
+            },
+        )));
+    }
+
+    /// Publishes the cache's inserts and evictions since the last call, in order.
+    fn publish_cache_events(&mut self) {
+        for event in self.sched.take_events() {
+            let body = match event {
+                CacheEvent::Inserted(span) => {
+                    self.metrics
+                        .kv_events
+                        .with_label_values(&["inserted"])
+                        .inc();
+                    WorkerEventBody::KvInserted(to_wire(span))
+                }
+                CacheEvent::Evicted { hash, num_tokens } => {
+                    self.metrics.kv_events.with_label_values(&["evicted"]).inc();
+                    WorkerEventBody::KvEvicted(KvEvicted {
+                        path_hash: hash,
+                        num_tokens,
+                    })
+                }
+            };
+            let _ = self.events.send(Outgoing::Event(body));
+        }
+    }
+
+    /// Sends the whole cache to `to`, in parts, after every event so far (so the asker can
+    /// continue from the next event's sequence number).
+    fn send_digest(&mut self, to: Subject) {
+        self.publish_cache_events();
+        let spans = self.sched.cache().digest();
+        let mut part = Vec::new();
+        let mut tokens = 0;
+        for span in spans {
+            tokens += span.tokens.len();
+            part.push(to_wire(span));
+            if tokens >= DIGEST_PART_TOKENS {
+                let _ = self.events.send(Outgoing::Digest {
+                    to: to.clone(),
+                    spans: std::mem::take(&mut part),
+                    more: true,
+                });
+                tokens = 0;
+            }
+        }
+        let _ = self.events.send(Outgoing::Digest {
+            to,
+            spans: part,
+            more: false,
+        });
+    }
+
+    fn report_load(&mut self) {
+        let load = self.sched.load();
+        let capacity = u64::from(self.sched.config().kv_capacity);
+        self.metrics.running.set(i64::from(load.running));
+        self.metrics.waiting.set(i64::from(load.waiting));
+        self.metrics
+            .kv_used_tokens
+            .set((capacity - load.free_slots) as i64);
+        self.metrics.kv_cached_tokens.set(load.cached_tokens as i64);
+        let remaining_decode_steps = self
+            .sched
+            .running()
+            .iter()
+            .map(|s| s.max_new_tokens() - s.generated().len() as u32)
+            .max()
+            .unwrap_or(0);
+        let prefill_ms = if load.queued_prefill_tokens > 0 {
+            self.engine.estimate_ms(&[SeqWork {
+                extend: load.queued_prefill_tokens.min(u64::from(u32::MAX)) as u32,
+                context: 0,
+            }])
+        } else {
+            0.0
+        };
+        let per_decode = if load.running > 0 {
+            let each = (load.running_decode_tokens / u64::from(load.running)) as u32;
+            self.engine
+                .estimate_ms(&vec![SeqWork::decode(each); load.running as usize])
+        } else {
+            0.0
+        };
+        let report = LoadReport {
+            running: load.running,
+            waiting: load.waiting,
+            queued_prefill_tokens: load.queued_prefill_tokens,
+            running_decode_tokens: load.running_decode_tokens,
+            free_kv_tokens: load.available_slots,
+            est_drain_ms: prefill_ms + per_decode * f64::from(remaining_decode_steps),
+            cached_tokens: load.cached_tokens,
+            remaining_decode_tokens: load.remaining_decode_tokens,
+        };
+        self.load.send_replace(report);
+    }
+}
+
+fn to_wire(span: CacheSpan) -> KvInserted {
+    KvInserted {
+        parent_hash: span.parent_hash,
+        path_hash: span.hash,
+        tokens: span.tokens,
+    }
+}
