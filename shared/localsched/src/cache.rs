@@ -10,7 +10,7 @@
 
 use std::collections::BTreeSet;
 
-use preble_prefix::{ROOT_HASH, extend};
+use preble_prefix::{ROOT_HASH, common_prefix_len, extend};
 use rustc_hash::FxHashMap;
 
 /// Index of one KV slot (one token's keys and values in every layer).
@@ -587,20 +587,4 @@ impl RadixCache {
                 .count()
         );
     }
-}
-
-/// Length of the common prefix of `a` and `b`: whole blocks compared at once (vectorised),
-/// then token by token in the first block that differs.
-fn common_prefix_len(a: &[u32], b: &[u32]) -> usize {
-    const BLOCK: usize = 32;
-    let n = a.len().min(b.len());
-    let mut i = 0;
-    while i + BLOCK <= n && a[i..i + BLOCK] == b[i..i + BLOCK] {
-        i += BLOCK;
-    }
-    i + a[i..n]
-        .iter()
-        .zip(&b[i..n])
-        .take_while(|(x, y)| x == y)
-        .count()
 }

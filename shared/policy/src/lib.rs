@@ -11,7 +11,9 @@ pub mod decision;
 pub mod least_load;
 pub mod round_robin;
 pub mod tiebreak;
+pub mod tree;
 pub mod view;
+pub mod workers;
 
 pub use decision::{Decision, DecisionKind, RouteError};
 pub use least_load::LeastLoad;

@@ -1,12 +1,6 @@
 //! Seeded random choice among equally good candidates, so bursts do not herd onto the first.
 
-/// A 64-bit mix (SplitMix64's finaliser): spreads any input over all 64 bits.
-pub fn mix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
+pub use preble_prefix::mix64;
 
 /// FNV-1a hash of a string, for seeding from request ids.
 pub fn hash_str(s: &str) -> u64 {

@@ -31,6 +31,23 @@ pub fn path_hash(tokens: &[u32]) -> u64 {
     extend(ROOT_HASH, tokens)
 }
 
+/// Length of the common prefix of two token sequences: blocks of tokens compared at once
+/// (vectorised), then token by token in the first block that differs.
+#[inline]
+pub fn common_prefix_len(a: &[u32], b: &[u32]) -> usize {
+    const BLOCK: usize = 32;
+    let n = a.len().min(b.len());
+    let mut i = 0;
+    while i + BLOCK <= n && a[i..i + BLOCK] == b[i..i + BLOCK] {
+        i += BLOCK;
+    }
+    i + a[i..n]
+        .iter()
+        .zip(&b[i..n])
+        .take_while(|(x, y)| x == y)
+        .count()
+}
+
 /// A 64-bit mix (SplitMix64's finaliser): spreads any input over all 64 bits, for seeded
 /// choices and deterministic pseudo-random values.
 #[inline]
@@ -52,6 +69,18 @@ mod tests {
                                     b in proptest::collection::vec(0u32..50, 0..40)) {
             let whole: Vec<u32> = a.iter().chain(&b).copied().collect();
             prop_assert_eq!(extend(path_hash(&a), &b), path_hash(&whole));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn common_prefix_len_is_the_naive_one(a in proptest::collection::vec(0u32..3, 0..100),
+                                              b in proptest::collection::vec(0u32..3, 0..100)) {
+            let naive = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+            prop_assert_eq!(common_prefix_len(&a, &b), naive);
+            let mut c = a.clone();
+            c.extend(&b);
+            prop_assert_eq!(common_prefix_len(&a, &c), a.len());
         }
     }
 
