@@ -1,7 +1,7 @@
 //! What a policy decides.
 
 /// Why a worker was picked.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DecisionKind {
     /// Sent to a worker that holds a large part of the prompt.
     Exploit,
@@ -47,4 +47,7 @@ pub enum RouteError {
     /// No worker is eligible.
     #[error("no eligible worker")]
     NoEligibleWorker,
+    /// More workers than a policy's tree can track.
+    #[error("more than {0} workers")]
+    TooManyWorkers(usize),
 }

@@ -71,6 +71,7 @@ mod tests {
                 outstanding_prompt_tokens: tokens,
                 ..WorkerLoad::default()
             },
+            kv_capacity_tokens: 0,
         }
     }
 
@@ -79,6 +80,7 @@ mod tests {
             request_id: id,
             prompt: &[1, 2, 3],
             max_tokens: 4,
+            now_ms: 0,
         }
     }
 

@@ -2,23 +2,36 @@
 //! the scheduler service feeds in a view of the cluster and gets a decision with its reason.
 //!
 //! Layout:
-//! - [`view`]: the domain types a policy sees (workers and their load, the request).
+//! - [`view`]: the domain types a policy sees (workers and their load, the request, cluster
+//!   events).
 //! - [`decision`]: what a policy returns (worker, kind, reason) and its errors.
+//! - [`tree`]: the global prefix tree mirroring the workers' caches; [`workers`]: worker sets;
+//!   [`mirror`]: the tree plus worker indices, fed by cluster events.
 //! - [`tiebreak`]: seeded random choice among equally good workers.
-//! - [`least_load`], [`round_robin`]: policies; [`PolicyKind`] names them for flags.
+//! - Policies: [`e2`] (Preble's), and the baselines [`cache_aware`] (SGLang router style),
+//!   [`kv_cost`] (Dynamo KV router style), [`least_load`], [`round_robin`]. [`PolicyKind`]
+//!   names them for flags.
 
+pub mod cache_aware;
 pub mod decision;
+pub mod e2;
+pub mod kv_cost;
 pub mod least_load;
+pub mod mirror;
 pub mod round_robin;
 pub mod tiebreak;
 pub mod tree;
 pub mod view;
 pub mod workers;
 
+pub use cache_aware::{CacheAware, CacheAwareConfig};
 pub use decision::{Decision, DecisionKind, RouteError};
+pub use e2::{E2, E2Config};
+pub use kv_cost::{KvCost, KvCostConfig};
 pub use least_load::LeastLoad;
 pub use round_robin::RoundRobin;
-pub use view::{ClusterView, RouteRequest, WorkerLoad, WorkerView};
+pub use tree::TreeError;
+pub use view::{ClusterEvent, ClusterView, RouteRequest, WorkerLoad, WorkerView};
 
 /// A routing policy: picks a worker for each request.
 pub trait Policy: Send {
@@ -32,25 +45,65 @@ pub trait Policy: Send {
         cluster: &ClusterView<'_>,
         request: &RouteRequest<'_>,
     ) -> Result<Decision, RouteError>;
+
+    /// Learns from a cluster event (cache changes, finished requests, workers leaving). An
+    /// error means the policy's picture of a worker's cache is out of step: the caller should
+    /// ask that worker for a digest.
+    fn observe(&mut self, event: &ClusterEvent<'_>) -> Result<(), TreeError> {
+        let _ = event;
+        Ok(())
+    }
 }
 
 /// The policies a scheduler can run, by command-line name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PolicyKind {
+    /// [`E2`], Preble's.
+    E2,
+    /// [`CacheAware`].
+    CacheAware,
+    /// [`KvCost`].
+    KvCost,
     /// [`LeastLoad`].
     LeastLoad,
     /// [`RoundRobin`].
     RoundRobin,
 }
 
+/// Every policy's settings, for [`PolicyKind::build`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PolicySettings {
+    /// E2's.
+    pub e2: E2Config,
+    /// The cache-aware baseline's.
+    pub cache_aware: CacheAwareConfig,
+    /// The KV-cost baseline's.
+    pub kv_cost: KvCostConfig,
+    /// Seed of every random choice.
+    pub seed: u64,
+}
+
 impl PolicyKind {
     /// Every policy name, for `--help` and error messages.
-    pub const NAMES: [&'static str; 2] = ["least-load", "round-robin"];
+    pub const NAMES: [&'static str; 5] =
+        ["e2", "cache-aware", "kv-cost", "least-load", "round-robin"];
 
-    /// Builds the policy with its documented defaults and a tie-break seed.
-    pub fn build(self, seed: u64) -> Box<dyn Policy> {
+    /// Builds the policy with `settings`.
+    pub fn build(self, settings: &PolicySettings) -> Box<dyn Policy> {
         match self {
-            PolicyKind::LeastLoad => Box::new(LeastLoad::new(seed)),
+            PolicyKind::E2 => Box::new(E2::new(E2Config {
+                seed: settings.seed,
+                ..settings.e2.clone()
+            })),
+            PolicyKind::CacheAware => Box::new(CacheAware::new(CacheAwareConfig {
+                seed: settings.seed,
+                ..settings.cache_aware.clone()
+            })),
+            PolicyKind::KvCost => Box::new(KvCost::new(KvCostConfig {
+                seed: settings.seed,
+                ..settings.kv_cost.clone()
+            })),
+            PolicyKind::LeastLoad => Box::new(LeastLoad::new(settings.seed)),
             PolicyKind::RoundRobin => Box::new(RoundRobin::default()),
         }
     }
@@ -61,6 +114,9 @@ impl std::str::FromStr for PolicyKind {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
+            "e2" => Ok(PolicyKind::E2),
+            "cache-aware" => Ok(PolicyKind::CacheAware),
+            "kv-cost" => Ok(PolicyKind::KvCost),
             "least-load" => Ok(PolicyKind::LeastLoad),
             "round-robin" => Ok(PolicyKind::RoundRobin),
             other => Err(format!(

@@ -76,6 +76,8 @@ pub struct GlobalTree {
     by_hash: FxHashMap<u64, NodeIdx>,
     /// Tokens each worker holds, by worker index.
     held: Vec<u64>,
+    /// Tokens of the nodes each worker was sent requests for, by worker index.
+    routed: Vec<u64>,
     total_tokens: u64,
     max_tokens: u64,
     half_window_ms: u64,
@@ -96,6 +98,7 @@ impl GlobalTree {
             children: FxHashMap::default(),
             by_hash,
             held: Vec::new(),
+            routed: Vec::new(),
             total_tokens: 0,
             max_tokens,
             half_window_ms: (window_ms / 2).max(1),
@@ -115,6 +118,11 @@ impl GlobalTree {
     /// Tokens worker `w` holds in its cache (by its events).
     pub fn held_tokens(&self, w: WorkerIdx) -> u64 {
         self.held.get(usize::from(w)).copied().unwrap_or(0)
+    }
+
+    /// Tokens of the nodes worker `w` was sent requests for (and that it did not evict).
+    pub fn routed_tokens(&self, w: WorkerIdx) -> u64 {
+        self.routed.get(usize::from(w)).copied().unwrap_or(0)
     }
 
     /// Bytes the tree's structures hold.
@@ -176,8 +184,8 @@ impl GlobalTree {
         let path = self.insert_below(ROOT, tokens, now_ms);
         let epoch = now_ms / self.half_window_ms;
         for id in path {
+            self.add_routed(id, w);
             let n = &mut self.nodes[id as usize];
-            n.routed.insert(w);
             roll(n, epoch);
             n.hits[1] = n.hits[1].saturating_add(1);
         }
@@ -256,7 +264,7 @@ impl GlobalTree {
         let mut id = end;
         while left > 0 && id != ROOT {
             self.remove_holder(id, w);
-            self.nodes[id as usize].routed.remove(w);
+            self.remove_routed(id, w);
             left = left.saturating_sub(self.nodes[id as usize].tokens.len() as u64);
             id = self.nodes[id as usize].parent;
         }
@@ -274,6 +282,9 @@ impl GlobalTree {
         if let Some(h) = self.held.get_mut(usize::from(w)) {
             *h = 0;
         }
+        if let Some(r) = self.routed.get_mut(usize::from(w)) {
+            *r = 0;
+        }
         self.prune(0);
     }
 
@@ -287,6 +298,30 @@ impl GlobalTree {
                 self.held.resize(i + 1, 0);
             }
             self.held[i] += len;
+        }
+    }
+
+    fn add_routed(&mut self, id: NodeIdx, w: WorkerIdx) {
+        let n = &mut self.nodes[id as usize];
+        if !n.routed.contains(w) {
+            n.routed.insert(w);
+            let len = n.tokens.len() as u64;
+            let i = usize::from(w);
+            if self.routed.len() <= i {
+                self.routed.resize(i + 1, 0);
+            }
+            self.routed[i] += len;
+        }
+    }
+
+    fn remove_routed(&mut self, id: NodeIdx, w: WorkerIdx) {
+        let n = &mut self.nodes[id as usize];
+        if n.routed.contains(w) {
+            n.routed.remove(w);
+            let len = n.tokens.len() as u64;
+            if let Some(r) = self.routed.get_mut(usize::from(w)) {
+                *r = r.saturating_sub(len);
+            }
         }
     }
 
@@ -423,6 +458,11 @@ impl GlobalTree {
         for w in n.holders.iter() {
             if let Some(h) = self.held.get_mut(usize::from(w)) {
                 *h = h.saturating_sub(n.tokens.len() as u64);
+            }
+        }
+        for w in n.routed.iter() {
+            if let Some(r) = self.routed.get_mut(usize::from(w)) {
+                *r = r.saturating_sub(n.tokens.len() as u64);
             }
         }
         self.nodes[n.parent as usize].children -= 1;

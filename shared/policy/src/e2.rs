@@ -1,0 +1,436 @@
+//! E2, Preble's global scheduling algorithm (paper section 3.2-3.3): exploit a worker's cached
+//! prefix when the hit is larger than the miss, otherwise explore for the worker of least
+//! total cost; rebalance away from overloaded holders, replicate hot prefixes, and let
+//! decode-heavy workers take prefill-heavy requests.
+//!
+//! Costs are milliseconds from `preble-costmodel`:
+//! - L (load): estimated prefill plus decode time of the requests routed to the worker in the
+//!   window (default 3 minutes).
+//! - M (eviction): the tokens this request would make the worker evict (what it holds plus the
+//!   request's missed tokens beyond its capacity), at prefill cost, weighted by how much of the
+//!   worker's recent prompts came from its cache (evicting a cache nobody reuses costs nothing).
+//!   The paper walks the worker's LRU order and weights each node by its requests; this
+//!   keeps the same meaning at O(1) per worker.
+//! - P (prefill): the request's missed tokens on that worker. (The paper's public code leaves
+//!   P out; we don't.)
+//!
+//! Output length and time per output token are learned online from finished requests (median
+//! of the last 255); until then the prior is `min(max_tokens, prior_output_tokens)` tokens and
+//! the profile's decode step at batch 16.
+
+use std::collections::VecDeque;
+
+use preble_costmodel::Profile;
+
+use crate::mirror::{DEFAULT_MAX_TREE_TOKENS, Mirror};
+use crate::tiebreak::{hash_str, mix64};
+use crate::tree::TreeError;
+use crate::workers::WorkerIdx;
+use crate::{ClusterEvent, ClusterView, Decision, DecisionKind, Policy, RouteError, RouteRequest};
+
+/// E2's knobs, with the paper's defaults.
+#[derive(Clone, Debug, PartialEq)]
+pub struct E2Config {
+    /// Load window H, milliseconds (paper: 3 minutes).
+    pub window_ms: u64,
+    /// Rebalance when the chosen holder's load exceeds the lightest worker's by this factor
+    /// (paper: 1.5).
+    pub rebalance_threshold: f64,
+    /// Requests routed before rebalancing may start.
+    pub warmup_requests: u64,
+    /// Replicate a holder's prefix when its mean TTFT in the second half of the window is at
+    /// least this multiple of the first half's (paper: 2).
+    pub replicate_ttft_ratio: f64,
+    /// Finished requests needed in each half-window before replication is considered.
+    pub replicate_min_samples: usize,
+    /// Weight of a worker's decode load when a prefill-heavy request explores and the
+    /// worker's load is mostly decode (1: no preference).
+    pub decode_discount: f64,
+    /// Softmax temperature over normalised costs; 0 picks the minimum (ties at random).
+    pub temperature: f64,
+    /// Bound of the global tree, tokens.
+    pub max_tree_tokens: u64,
+    /// Output length assumed before any request finished.
+    pub prior_output_tokens: u32,
+    /// Cost profile of the workers (GPU x model).
+    pub profile: Profile,
+    /// Seed of random choices.
+    pub seed: u64,
+}
+
+impl Default for E2Config {
+    fn default() -> Self {
+        Self {
+            window_ms: 180_000,
+            rebalance_threshold: 1.5,
+            warmup_requests: 50,
+            replicate_ttft_ratio: 2.0,
+            replicate_min_samples: 8,
+            decode_discount: 0.5,
+            temperature: 0.0,
+            max_tree_tokens: DEFAULT_MAX_TREE_TOKENS,
+            prior_output_tokens: 128,
+            profile: Profile::a6000_mistral_7b(),
+            seed: 0,
+        }
+    }
+}
+
+/// One request routed to a worker, as its load counts it.
+#[derive(Clone, Copy, Debug)]
+struct Routed {
+    at_ms: u64,
+    prefill_ms: f64,
+    decode_ms: f64,
+    prompt_tokens: u32,
+    hit_tokens: u32,
+}
+
+/// A worker's recent history.
+#[derive(Clone, Debug, Default)]
+struct WorkerWindow {
+    routed: VecDeque<Routed>,
+    prefill_ms: f64,
+    decode_ms: f64,
+    prompt_tokens: u64,
+    hit_tokens: u64,
+    ttft: VecDeque<(u64, f64)>,
+}
+
+impl WorkerWindow {
+    fn expire(&mut self, now_ms: u64, window_ms: u64) {
+        let since = now_ms.saturating_sub(window_ms);
+        while self.routed.front().is_some_and(|r| r.at_ms < since) {
+            if let Some(r) = self.routed.pop_front() {
+                self.prefill_ms -= r.prefill_ms;
+                self.decode_ms -= r.decode_ms;
+                self.prompt_tokens -= u64::from(r.prompt_tokens);
+                self.hit_tokens -= u64::from(r.hit_tokens);
+            }
+        }
+        if self.routed.is_empty() {
+            (self.prefill_ms, self.decode_ms) = (0.0, 0.0);
+        }
+        while self.ttft.front().is_some_and(|(at, _)| *at < since) {
+            self.ttft.pop_front();
+        }
+    }
+
+    fn push(&mut self, r: Routed) {
+        self.prefill_ms += r.prefill_ms;
+        self.decode_ms += r.decode_ms;
+        self.prompt_tokens += u64::from(r.prompt_tokens);
+        self.hit_tokens += u64::from(r.hit_tokens);
+        self.routed.push_back(r);
+    }
+
+    fn load_ms(&self) -> f64 {
+        (self.prefill_ms + self.decode_ms).max(0.0)
+    }
+
+    /// Fraction of recent prompt tokens this worker served from its cache.
+    fn reuse(&self) -> f64 {
+        if self.prompt_tokens == 0 {
+            0.0
+        } else {
+            self.hit_tokens as f64 / self.prompt_tokens as f64
+        }
+    }
+
+    /// Whether TTFT grew: the second half-window's mean at least `ratio` x the first's.
+    fn ttft_growing(&self, now_ms: u64, window_ms: u64, ratio: f64, min: usize) -> bool {
+        let middle = now_ms.saturating_sub(window_ms / 2);
+        let (mut a, mut na, mut b, mut nb) = (0.0, 0usize, 0.0, 0usize);
+        for &(at, ttft) in &self.ttft {
+            if at < middle {
+                a += ttft;
+                na += 1;
+            } else {
+                b += ttft;
+                nb += 1;
+            }
+        }
+        na >= min && nb >= min && b / nb as f64 >= ratio * (a / na as f64).max(1e-9)
+    }
+}
+
+/// Medians of recent observations, recomputed every few updates.
+#[derive(Clone, Debug, Default)]
+struct RecentMedian {
+    values: VecDeque<f64>,
+    median: Option<f64>,
+    updates: u32,
+}
+
+impl RecentMedian {
+    const KEEP: usize = 255;
+
+    fn push(&mut self, v: f64) {
+        if self.values.len() == Self::KEEP {
+            self.values.pop_front();
+        }
+        self.values.push_back(v);
+        self.updates += 1;
+        if self.median.is_none() || self.updates % 16 == 0 {
+            let mut sorted: Vec<f64> = self.values.iter().copied().collect();
+            sorted.sort_by(f64::total_cmp);
+            self.median = Some(sorted[sorted.len() / 2]);
+        }
+    }
+}
+
+/// The E2 policy.
+#[derive(Clone, Debug)]
+pub struct E2 {
+    config: E2Config,
+    mirror: Mirror,
+    windows: Vec<WorkerWindow>,
+    tpot: RecentMedian,
+    output: RecentMedian,
+    routed_total: u64,
+    prior_tpot_ms: f64,
+}
+
+/// One worker's terms for one request.
+#[derive(Clone, Copy, Debug, Default)]
+struct Terms {
+    w: WorkerIdx,
+    cached: u32,
+    load: f64,
+    evict: f64,
+    prefill: f64,
+}
+
+impl Terms {
+    fn total(&self) -> f64 {
+        self.load + self.evict + self.prefill
+    }
+}
+
+impl E2 {
+    /// An E2 policy.
+    pub fn new(config: E2Config) -> Self {
+        let prior_tpot_ms = config.profile.decode_step_ms(16, 16 * 1024);
+        Self {
+            mirror: Mirror::new(config.max_tree_tokens, config.window_ms),
+            config,
+            windows: Vec::new(),
+            tpot: RecentMedian::default(),
+            output: RecentMedian::default(),
+            routed_total: 0,
+            prior_tpot_ms,
+        }
+    }
+
+    /// The global tree (for tests, metrics and snapshots).
+    pub fn mirror(&self) -> &Mirror {
+        &self.mirror
+    }
+
+    fn window(&mut self, w: WorkerIdx) -> &mut WorkerWindow {
+        let i = usize::from(w);
+        if self.windows.len() <= i {
+            self.windows.resize_with(i + 1, WorkerWindow::default);
+        }
+        &mut self.windows[i]
+    }
+
+    fn estimates(&self, max_tokens: u32) -> (f64, f64) {
+        let out = self
+            .output
+            .median
+            .unwrap_or(f64::from(self.config.prior_output_tokens))
+            .min(f64::from(max_tokens))
+            .max(1.0);
+        (out, self.tpot.median.unwrap_or(self.prior_tpot_ms))
+    }
+
+    /// Picks among `terms` by total cost: the minimum with random ties, or a softmax draw.
+    fn pick(&self, terms: &[Terms], request_id: &str, salt: u64) -> Terms {
+        let min = terms.iter().map(Terms::total).fold(f64::INFINITY, f64::min);
+        let draw = mix64(self.config.seed ^ hash_str(request_id) ^ salt);
+        if self.config.temperature > 0.0 {
+            let mean = terms.iter().map(Terms::total).sum::<f64>() / terms.len() as f64;
+            let scale = self.config.temperature * mean.max(1e-9);
+            let weights: Vec<f64> = terms
+                .iter()
+                .map(|t| (-(t.total() - min) / scale).exp())
+                .collect();
+            let mut u = (draw >> 11) as f64 / (1u64 << 53) as f64 * weights.iter().sum::<f64>();
+            for (t, w) in terms.iter().zip(&weights) {
+                if u < *w {
+                    return *t;
+                }
+                u -= w;
+            }
+            return terms[terms.len() - 1];
+        }
+        let tied: Vec<&Terms> = terms
+            .iter()
+            .filter(|t| t.total() <= min + 1e-9 * min.abs().max(1.0))
+            .collect();
+        *tied[(draw % tied.len() as u64) as usize]
+    }
+}
+
+impl Policy for E2 {
+    fn name(&self) -> &'static str {
+        "e2"
+    }
+
+    fn route(
+        &mut self,
+        cluster: &ClusterView<'_>,
+        request: &RouteRequest<'_>,
+    ) -> Result<Decision, RouteError> {
+        if cluster.workers.is_empty() {
+            return Err(RouteError::NoEligibleWorker);
+        }
+        let now = request.now_ms;
+        let prompt_len = request.prompt.len() as u32;
+        let matched = self.mirror.tree.match_prefix(request.prompt);
+        let (out_tokens, tpot) = self.estimates(request.max_tokens);
+        let decode_ms = out_tokens * tpot;
+        let full_prefill = self.config.profile.prefill_ms(prompt_len.max(1), 0);
+        let prefill_heavy = full_prefill > decode_ms;
+        let mut terms = Vec::with_capacity(cluster.workers.len());
+        let mut ids = Vec::with_capacity(cluster.workers.len());
+        for view in cluster.workers {
+            let w = self.mirror.idx(&view.id)?;
+            let held = self.mirror.tree.held_tokens(w);
+            let window_ms = self.config.window_ms;
+            let decode_discount = self.config.decode_discount;
+            let win = self.window(w);
+            win.expire(now, window_ms);
+            let cached = matched.len_for(w).min(prompt_len.saturating_sub(1));
+            let missed = prompt_len - cached;
+            let load = if prefill_heavy && win.decode_ms > win.prefill_ms {
+                win.prefill_ms + decode_discount * win.decode_ms
+            } else {
+                win.load_ms()
+            };
+            let reuse = win.reuse();
+            let evict_tokens = if view.kv_capacity_tokens == 0 {
+                0
+            } else {
+                (held + u64::from(missed)).saturating_sub(view.kv_capacity_tokens)
+            };
+            let evict = if evict_tokens == 0 {
+                0.0
+            } else {
+                self.config
+                    .profile
+                    .prefill_ms(evict_tokens.min(u64::from(u32::MAX)) as u32, 0)
+                    * reuse
+            };
+            let prefill = self.config.profile.prefill_ms(missed.max(1), cached);
+            terms.push(Terms {
+                w,
+                cached,
+                load,
+                evict,
+                prefill,
+            });
+            ids.push(view.id.as_str());
+        }
+        let best_cached = terms.iter().map(|t| t.cached).max().unwrap_or(0);
+        let (chosen, kind) = if best_cached > prompt_len - best_cached {
+            let holders: Vec<Terms> = terms
+                .iter()
+                .filter(|t| t.cached == best_cached)
+                .map(|t| Terms {
+                    evict: 0.0,
+                    prefill: 0.0,
+                    ..*t
+                })
+                .collect();
+            let holder = self.pick(&holders, request.request_id, 1);
+            let lightest = terms.iter().map(|t| t.load).fold(f64::INFINITY, f64::min);
+            let warm = self.routed_total >= self.config.warmup_requests;
+            let overloaded =
+                warm && holder.load > self.config.rebalance_threshold * lightest + full_prefill;
+            let hot = self.windows[usize::from(holder.w)].ttft_growing(
+                now,
+                self.config.window_ms,
+                self.config.replicate_ttft_ratio,
+                self.config.replicate_min_samples,
+            );
+            let others: Vec<Terms> = terms
+                .iter()
+                .filter(|t| t.cached < best_cached)
+                .copied()
+                .collect();
+            if overloaded {
+                (
+                    self.pick(&terms, request.request_id, 2),
+                    DecisionKind::Rebalance,
+                )
+            } else if hot && !others.is_empty() {
+                (
+                    self.pick(&others, request.request_id, 3),
+                    DecisionKind::Replicate,
+                )
+            } else {
+                let full = terms
+                    .iter()
+                    .find(|t| t.w == holder.w)
+                    .copied()
+                    .unwrap_or(holder);
+                (full, DecisionKind::Exploit)
+            }
+        } else {
+            (
+                self.pick(&terms, request.request_id, 4),
+                DecisionKind::Explore,
+            )
+        };
+        let position = terms
+            .iter()
+            .position(|t| t.w == chosen.w)
+            .ok_or(RouteError::NoEligibleWorker)?;
+        let worker = ids[position].to_string();
+        self.mirror.tree.record_route(request.prompt, chosen.w, now);
+        self.window(chosen.w).push(Routed {
+            at_ms: now,
+            prefill_ms: chosen.prefill,
+            decode_ms,
+            prompt_tokens: prompt_len,
+            hit_tokens: chosen.cached,
+        });
+        self.routed_total += 1;
+        Ok(Decision {
+            worker,
+            kind,
+            cached_tokens: chosen.cached,
+            reason: format!(
+                "cached={}/{} L={:.1}ms M={:.1}ms P={:.1}ms",
+                chosen.cached, prompt_len, chosen.load, chosen.evict, chosen.prefill
+            ),
+        })
+    }
+
+    fn observe(&mut self, event: &ClusterEvent<'_>) -> Result<(), TreeError> {
+        if let ClusterEvent::Finished {
+            worker,
+            output_tokens,
+            ttft_ms,
+            tpot_ms,
+            now_ms,
+        } = *event
+        {
+            self.output.push(f64::from(output_tokens));
+            if tpot_ms > 0.0 {
+                self.tpot.push(tpot_ms);
+            }
+            if let Some(w) = self.mirror.known(worker) {
+                self.window(w).ttft.push_back((now_ms, ttft_ms));
+            }
+        }
+        if let ClusterEvent::WorkerGone { worker } = *event
+            && let Some(w) = self.mirror.known(worker)
+        {
+            *self.window(w) = WorkerWindow::default();
+        }
+        self.mirror.observe(event)
+    }
+}

@@ -1,0 +1,252 @@
+//! E2 and the cache-aware baselines on scenarios built with the cost model.
+
+use preble_policy::{
+    CacheAware, CacheAwareConfig, ClusterEvent, ClusterView, DecisionKind, E2, E2Config, KvCost,
+    KvCostConfig, Policy, RouteRequest, WorkerLoad, WorkerView,
+};
+use preble_prefix::path_hash;
+use proptest::prelude::*;
+
+fn workers(n: usize) -> Vec<WorkerView> {
+    (0..n)
+        .map(|i| WorkerView {
+            id: format!("gpu-{i}"),
+            load: WorkerLoad::default(),
+            kv_capacity_tokens: 200_000,
+        })
+        .collect()
+}
+
+fn prompt(family: u32, shared: usize, unique: u32, len: usize) -> Vec<u32> {
+    let mut p: Vec<u32> = (0..shared as u32).map(|t| family * 100_000 + t).collect();
+    p.extend((0..len as u32).map(|t| 50_000 + unique * 1000 + t));
+    p
+}
+
+fn route(
+    policy: &mut dyn Policy,
+    ws: &[WorkerView],
+    id: &str,
+    prompt: &[u32],
+    now_ms: u64,
+) -> preble_policy::Decision {
+    policy
+        .route(
+            &ClusterView { workers: ws },
+            &RouteRequest {
+                request_id: id,
+                prompt,
+                max_tokens: 64,
+                now_ms,
+            },
+        )
+        .expect("a decision")
+}
+
+/// The chosen worker caches the prompt, as its cache events would say.
+fn cache(policy: &mut dyn Policy, worker: &str, prompt: &[u32], now_ms: u64) {
+    policy
+        .observe(&ClusterEvent::CacheInserted {
+            worker,
+            parent_hash: preble_prefix::ROOT_HASH,
+            hash: path_hash(prompt),
+            tokens: prompt,
+            now_ms,
+        })
+        .expect("applies");
+}
+
+#[test]
+fn a_repeated_prefix_is_exploited_and_a_new_one_explores_to_an_idle_worker() {
+    let ws = workers(4);
+    let mut e2 = E2::new(E2Config::default());
+    let first = route(&mut e2, &ws, "a", &prompt(1, 2000, 0, 50), 0);
+    assert_eq!(first.kind, DecisionKind::Explore);
+    cache(&mut e2, &first.worker, &prompt(1, 2000, 0, 50), 1);
+    for i in 1..5 {
+        let d = route(
+            &mut e2,
+            &ws,
+            &format!("a{i}"),
+            &prompt(1, 2000, i, 50),
+            10 * u64::from(i),
+        );
+        assert_eq!(d.kind, DecisionKind::Exploit, "{d:?}");
+        assert_eq!(d.worker, first.worker);
+        assert_eq!(d.cached_tokens, 2000);
+    }
+    // A new prefix goes where there is no load.
+    let other = route(&mut e2, &ws, "b", &prompt(2, 2000, 0, 50), 100);
+    assert_eq!(other.kind, DecisionKind::Explore);
+    assert_ne!(other.worker, first.worker, "{other:?}");
+}
+
+#[test]
+fn a_burst_sharing_a_new_prefix_follows_the_first_assignment_before_any_cache_event() {
+    let ws = workers(4);
+    let mut e2 = E2::new(E2Config::default());
+    let first = route(&mut e2, &ws, "x0", &prompt(3, 3000, 0, 10), 0);
+    for i in 1..4 {
+        let d = route(&mut e2, &ws, &format!("x{i}"), &prompt(3, 3000, i, 10), 1);
+        assert_eq!(d.worker, first.worker);
+        assert_eq!(d.kind, DecisionKind::Exploit);
+    }
+}
+
+#[test]
+fn an_overloaded_holder_sheds_requests_after_the_warm_up() {
+    let ws = workers(4);
+    let mut e2 = E2::new(E2Config {
+        warmup_requests: 10,
+        ..E2Config::default()
+    });
+    let mut holders = std::collections::BTreeSet::new();
+    let mut kinds = std::collections::BTreeMap::new();
+    for i in 0..200u32 {
+        let p = prompt(7, 1500, i, 30);
+        let d = route(&mut e2, &ws, &format!("h{i}"), &p, u64::from(i) * 10);
+        cache(&mut e2, &d.worker, &p, u64::from(i) * 10 + 1);
+        holders.insert(d.worker.clone());
+        *kinds.entry(d.kind).or_insert(0) += 1;
+    }
+    assert!(
+        kinds.get(&DecisionKind::Rebalance).copied().unwrap_or(0) > 0,
+        "{kinds:?}"
+    );
+    assert_eq!(
+        holders.len(),
+        4,
+        "the hot prefix spread over every worker: {holders:?}"
+    );
+    assert!(
+        kinds[&DecisionKind::Exploit] > 150,
+        "most requests still reuse a cached copy: {kinds:?}"
+    );
+}
+
+#[test]
+fn a_holder_whose_ttft_doubles_gets_its_prefix_replicated() {
+    let ws = workers(2);
+    let mut e2 = E2::new(E2Config {
+        warmup_requests: u64::MAX,
+        window_ms: 60_000,
+        ..E2Config::default()
+    });
+    let p = prompt(9, 2000, 0, 10);
+    let d = route(&mut e2, &ws, "r0", &p, 0);
+    cache(&mut e2, &d.worker, &p, 1);
+    // TTFT of 100 ms in the first half of the window, 400 ms in the second.
+    for i in 0..20u64 {
+        let ttft_ms = if i < 10 { 100.0 } else { 400.0 };
+        e2.observe(&ClusterEvent::Finished {
+            worker: &d.worker,
+            output_tokens: 20,
+            ttft_ms,
+            tpot_ms: 20.0,
+            now_ms: 1_000 + i * 3_000,
+        })
+        .unwrap();
+    }
+    let next = route(&mut e2, &ws, "r1", &prompt(9, 2000, 1, 10), 60_500);
+    assert_eq!(next.kind, DecisionKind::Replicate, "{next:?}");
+    assert_ne!(next.worker, d.worker);
+}
+
+#[test]
+fn evicted_prefixes_are_no_longer_exploited() {
+    let ws = workers(2);
+    let mut kv = KvCost::new(KvCostConfig::default());
+    let p = prompt(4, 1000, 0, 10);
+    let d = route(&mut kv, &ws, "k0", &p, 0);
+    cache(&mut kv, &d.worker, &p, 1);
+    let again = route(&mut kv, &ws, "k1", &p, 2);
+    assert_eq!(
+        (again.worker.as_str(), again.cached_tokens),
+        (d.worker.as_str(), 1010)
+    );
+    kv.observe(&ClusterEvent::CacheEvicted {
+        worker: &d.worker,
+        hash: path_hash(&p),
+        num_tokens: p.len() as u32,
+    })
+    .unwrap();
+    let after = route(&mut kv, &ws, "k2", &p, 3);
+    assert_eq!(after.cached_tokens, 0);
+}
+
+#[test]
+fn cache_aware_follows_the_cache_until_the_cluster_is_unbalanced() {
+    let mut ws = workers(2);
+    let mut ca = CacheAware::new(CacheAwareConfig::default());
+    let p = prompt(5, 1000, 0, 10);
+    let d = route(&mut ca, &ws, "c0", &p, 0);
+    let again = route(&mut ca, &ws, "c1", &prompt(5, 1000, 1, 10), 1);
+    assert_eq!(
+        (again.worker.clone(), again.kind),
+        (d.worker.clone(), DecisionKind::Exploit)
+    );
+    for w in &mut ws {
+        w.load.outstanding = if w.id == d.worker { 100 } else { 0 };
+    }
+    let shed = route(&mut ca, &ws, "c2", &prompt(5, 1000, 2, 10), 2);
+    assert_eq!(shed.kind, DecisionKind::Load);
+    assert_ne!(shed.worker, d.worker);
+}
+
+#[test]
+fn a_gone_worker_is_forgotten() {
+    let ws = workers(3);
+    let mut e2 = E2::new(E2Config::default());
+    let p = prompt(6, 1000, 0, 10);
+    let d = route(&mut e2, &ws, "g0", &p, 0);
+    cache(&mut e2, &d.worker, &p, 1);
+    e2.observe(&ClusterEvent::WorkerGone { worker: &d.worker })
+        .unwrap();
+    let alive: Vec<WorkerView> = ws.iter().filter(|w| w.id != d.worker).cloned().collect();
+    let next = route(&mut e2, &alive, "g1", &p, 2);
+    assert_ne!(next.worker, d.worker);
+    assert_eq!(
+        e2.mirror().tree.held_tokens(0)
+            + e2.mirror().tree.held_tokens(1)
+            + e2.mirror().tree.held_tokens(2),
+        0
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Every decision names an eligible worker, and the same inputs give the same decisions.
+    #[test]
+    fn decisions_are_eligible_and_deterministic(
+        steps in proptest::collection::vec((0u32..6, 0u32..1000, 1usize..5, 0u64..3), 1..60),
+        seed in 0u64..1000,
+    ) {
+        let all = workers(5);
+        let make = || -> Vec<Box<dyn Policy>> {
+            vec![
+                Box::new(E2::new(E2Config { seed, warmup_requests: 5, ..E2Config::default() })),
+                Box::new(CacheAware::new(CacheAwareConfig { seed, ..CacheAwareConfig::default() })),
+                Box::new(KvCost::new(KvCostConfig { seed, ..KvCostConfig::default() })),
+            ]
+        };
+        let (mut a, mut b) = (make(), make());
+        for (i, (family, unique, live, extra_load)) in steps.into_iter().enumerate() {
+            let mut ws: Vec<WorkerView> = all[..live].to_vec();
+            for w in &mut ws {
+                w.load.outstanding = extra_load as u32;
+            }
+            let p = prompt(family, 300, unique, 20);
+            for (x, y) in a.iter_mut().zip(b.iter_mut()) {
+                let dx = route(x.as_mut(), &ws, &format!("r{i}"), &p, i as u64 * 100);
+                let dy = route(y.as_mut(), &ws, &format!("r{i}"), &p, i as u64 * 100);
+                prop_assert!(ws.iter().any(|w| w.id == dx.worker), "{} named {}", x.name(), dx.worker);
+                prop_assert_eq!(&dx, &dy);
+                if i % 2 == 0 {
+                    cache(x.as_mut(), &dx.worker, &p, i as u64 * 100 + 1);
+                    cache(y.as_mut(), &dy.worker, &p, i as u64 * 100 + 1);
+                }
+            }
+        }
+    }
+}
