@@ -25,6 +25,8 @@ pub struct WorkerState {
     pub last_seq: Option<u64>,
     /// Whether it announced it is leaving.
     pub leaving: bool,
+    /// Its KV-cache capacity, tokens.
+    pub kv_capacity_tokens: u64,
 }
 
 /// A request dispatched to a worker and not yet finished.
@@ -90,6 +92,7 @@ impl Cluster {
                         load: WorkerLoad::default(),
                         last_seq: None,
                         leaving: false,
+                        kv_capacity_tokens: beat.kv_capacity_tokens,
                     })
             }
             // Events of a worker we do not know (yet) count once its heartbeat arrives.
@@ -109,10 +112,12 @@ impl Cluster {
                 state.models = beat.models.clone();
                 state.period = Duration::from_millis(beat.period_ms.max(1));
                 state.leaving = false;
+                state.kv_capacity_tokens = beat.kv_capacity_tokens;
             }
             WorkerEventBody::Load(report) => {
                 state.load.reported_prefill_tokens = report.queued_prefill_tokens;
                 state.load.reported_drain_ms = report.est_drain_ms;
+                state.load.reported_decode_tokens = report.running_decode_tokens;
             }
             WorkerEventBody::Leaving => state.leaving = true,
             _ => {}
@@ -130,6 +135,7 @@ impl Cluster {
             .map(|(id, w)| WorkerView {
                 id: id.clone(),
                 load: w.load,
+                kv_capacity_tokens: w.kv_capacity_tokens,
             })
             .collect()
     }

@@ -4,7 +4,8 @@ use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Result, bail};
 use clap::Parser;
-use preble_policy::PolicyKind;
+use preble_costmodel::Profile;
+use preble_policy::{CacheAwareConfig, E2Config, KvCostConfig, PolicyKind, PolicySettings};
 use preble_protocol::Subjects;
 use preble_telemetry::LogFormat;
 
@@ -18,12 +19,48 @@ pub struct Args {
     /// Subject prefix of the deployment.
     #[arg(long, env = "PREBLE_SUBJECT_PREFIX", default_value = preble_protocol::subjects::DEFAULT_PREFIX)]
     pub subject_prefix: String,
-    /// Routing policy: least-load or round-robin.
-    #[arg(long, env = "PREBLE_POLICY", default_value = "least-load")]
+    /// Routing policy: e2, cache-aware, kv-cost, least-load or round-robin.
+    #[arg(long, env = "PREBLE_POLICY", default_value = "e2")]
     pub policy: PolicyKind,
-    /// Seed of the policy's random tie-breaks.
+    /// Seed of the policy's random choices.
     #[arg(long, env = "PREBLE_SEED", default_value_t = 0)]
     pub seed: u64,
+    /// Cost profile (GPU x model) the policy estimates with.
+    #[arg(long, env = "PREBLE_PROFILE", default_value = "a6000-mistral-7b")]
+    pub profile: String,
+    /// E2: load window, milliseconds.
+    #[arg(long, env = "PREBLE_WINDOW_MS", default_value_t = 180_000)]
+    pub window_ms: u64,
+    /// E2: rebalance when a holder's load exceeds the lightest worker's by this factor.
+    #[arg(long, env = "PREBLE_REBALANCE_THRESHOLD", default_value_t = 1.5)]
+    pub rebalance_threshold: f64,
+    /// E2: requests routed before rebalancing may start.
+    #[arg(long, env = "PREBLE_WARMUP_REQUESTS", default_value_t = 50)]
+    pub warmup_requests: u64,
+    /// E2: replicate a prefix when its holder's TTFT grew by this factor over the window.
+    #[arg(long, env = "PREBLE_REPLICATE_TTFT_RATIO", default_value_t = 2.0)]
+    pub replicate_ttft_ratio: f64,
+    /// E2 and kv-cost: softmax temperature over normalised costs (0: pick the minimum).
+    #[arg(long, env = "PREBLE_TEMPERATURE", default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Bound of the global prefix tree, tokens.
+    #[arg(long, env = "PREBLE_MAX_TREE_TOKENS", default_value_t = preble_policy::mirror::DEFAULT_MAX_TREE_TOKENS)]
+    pub max_tree_tokens: u64,
+    /// cache-aware: minimum matched fraction of the prompt to follow the cache.
+    #[arg(long, env = "PREBLE_CACHE_THRESHOLD", default_value_t = 0.5)]
+    pub cache_threshold: f64,
+    /// cache-aware: absolute imbalance (outstanding requests) that switches to least load.
+    #[arg(long, env = "PREBLE_BALANCE_ABS_THRESHOLD", default_value_t = 32)]
+    pub balance_abs_threshold: u32,
+    /// cache-aware: relative imbalance that switches to least load.
+    #[arg(long, env = "PREBLE_BALANCE_REL_THRESHOLD", default_value_t = 1.0001)]
+    pub balance_rel_threshold: f64,
+    /// kv-cost: tokens per KV block.
+    #[arg(long, env = "PREBLE_KV_BLOCK_SIZE", default_value_t = 16)]
+    pub kv_block_size: u32,
+    /// kv-cost: weight of prefill blocks against active decode blocks.
+    #[arg(long, env = "PREBLE_OVERLAP_WEIGHT", default_value_t = 1.0)]
+    pub overlap_weight: f64,
     /// How long a worker has to accept a dispatch before another is tried, milliseconds.
     #[arg(long, env = "PREBLE_DISPATCH_TIMEOUT_MS", default_value_t = 1000)]
     pub dispatch_timeout_ms: u64,
@@ -59,8 +96,8 @@ pub struct Config {
     pub subjects: Subjects,
     /// Routing policy.
     pub policy: PolicyKind,
-    /// Tie-break seed.
-    pub seed: u64,
+    /// Every policy's settings.
+    pub policy_settings: PolicySettings,
     /// Dispatch timeout.
     pub dispatch_timeout: Duration,
     /// Workers tried per request.
@@ -83,11 +120,48 @@ impl Config {
         if args.max_attempts == 0 || args.heartbeat_misses == 0 || args.max_in_flight <= 0 {
             bail!("--max-attempts, --heartbeat-misses and --max-in-flight must be positive");
         }
+        let profile = Profile::by_name(&args.profile)?;
+        if !(args.rebalance_threshold >= 1.0 && args.replicate_ttft_ratio >= 1.0) {
+            bail!("--rebalance-threshold and --replicate-ttft-ratio must be at least 1");
+        }
+        if !(args.temperature >= 0.0 && (0.0..=1.0).contains(&args.cache_threshold)) {
+            bail!("--temperature must be >= 0 and --cache-threshold within 0..=1");
+        }
+        if args.window_ms == 0 || args.kv_block_size == 0 {
+            bail!("--window-ms and --kv-block-size must be positive");
+        }
+        let policy_settings = PolicySettings {
+            e2: E2Config {
+                window_ms: args.window_ms,
+                rebalance_threshold: args.rebalance_threshold,
+                warmup_requests: args.warmup_requests,
+                replicate_ttft_ratio: args.replicate_ttft_ratio,
+                temperature: args.temperature,
+                max_tree_tokens: args.max_tree_tokens,
+                profile,
+                ..E2Config::default()
+            },
+            cache_aware: CacheAwareConfig {
+                cache_threshold: args.cache_threshold,
+                balance_abs_threshold: args.balance_abs_threshold,
+                balance_rel_threshold: args.balance_rel_threshold,
+                max_tree_tokens: args.max_tree_tokens,
+                ..CacheAwareConfig::default()
+            },
+            kv_cost: KvCostConfig {
+                block_size: args.kv_block_size,
+                overlap_weight: args.overlap_weight,
+                temperature: args.temperature,
+                max_tree_tokens: args.max_tree_tokens,
+                ..KvCostConfig::default()
+            },
+            seed: args.seed,
+        };
         Ok(Config {
             nats_url: args.nats_url,
             subjects: Subjects::new(args.subject_prefix),
             policy: args.policy,
-            seed: args.seed,
+            policy_settings,
             dispatch_timeout: Duration::from_millis(args.dispatch_timeout_ms),
             max_attempts: args.max_attempts,
             no_worker_wait: Duration::from_millis(args.no_worker_wait_ms),

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub event_gaps: IntCounter,
     /// Workers' KV-cache events received, by kind (`inserted`, `evicted`).
     pub kv_events: IntCounterVec,
+    /// Cache digests asked of workers (on join, on an event gap, on an event out of step).
+    pub digests_requested: IntCounter,
 }
 
 impl Metrics {
@@ -34,6 +36,14 @@ impl Metrics {
         use preble_telemetry::register as reg;
         let opts = Opts::new;
         Metrics {
+            digests_requested: reg(
+                &registry,
+                IntCounter::with_opts(opts(
+                    "preble:scheduler_digests_requested_total",
+                    "Cache digests asked of workers",
+                ))
+                .expect("valid metric"),
+            ),
             kv_events: reg(
                 &registry,
                 IntCounterVec::new(

@@ -4,17 +4,18 @@
 //! A request is acknowledged on the JetStream stream only once a worker accepted it, so a
 //! scheduler that dies mid-dispatch loses nothing: JetStream redelivers after the ack wait.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use async_nats::jetstream::{self, AckKind, consumer::pull, stream};
 use async_nats::{Client, Request};
 use futures::StreamExt;
-use preble_policy::{ClusterView, Policy, RouteRequest};
+use preble_policy::{ClusterEvent, ClusterView, Policy, RouteRequest};
 use preble_protocol::{
-    Cancel, Dispatch, DispatchOutcome, DispatchReply, ErrorCode, GenerateRequest, PROTOCOL_VERSION,
-    StreamBody, StreamMessage, WorkerEvent, WorkerEventBody, decode, encode,
+    Cancel, DigestRequest, Dispatch, DispatchOutcome, DispatchReply, ErrorCode, GenerateRequest,
+    KvInserted, PROTOCOL_VERSION, StreamBody, StreamMessage, WorkerEvent, WorkerEventBody, decode,
+    encode,
 };
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -82,8 +83,11 @@ pub async fn run(
     ));
 
     let (results_tx, mut results) = mpsc::unbounded_channel();
+    let (digests_tx, mut digests) = mpsc::unbounded_channel();
     let mut router = Router {
-        policy: config.policy.build(config.seed),
+        policy: config.policy.build(&config.policy_settings),
+        digests: digests_tx,
+        digests_pending: HashSet::new(),
         cluster: Cluster::new(config.heartbeat_misses),
         waiting: VecDeque::new(),
         in_flight: 0,
@@ -108,6 +112,7 @@ pub async fn run(
             },
             Some(event) = events.next() => router.on_event(&event.payload),
             Some(result) = results.recv() => router.on_result(result),
+            Some(digest) = digests.recv() => router.on_digest(digest),
             _ = tick.tick() => router.on_tick(),
         }
     }
@@ -153,8 +158,20 @@ struct Router {
     waiting: VecDeque<Pending>,
     in_flight: usize,
     results: mpsc::UnboundedSender<DispatchResult>,
+    digests: mpsc::UnboundedSender<DigestResult>,
+    /// Workers whose digest was asked for and has not arrived.
+    digests_pending: HashSet<String>,
     metrics: Metrics,
 }
+
+/// A worker's digest (or why it could not be had).
+struct DigestResult {
+    worker: String,
+    spans: Result<Vec<KvInserted>, String>,
+}
+
+/// How long a digest may take to arrive in full.
+const DIGEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Router {
     fn on_request(&mut self, message: jetstream::Message) {
@@ -208,6 +225,7 @@ impl Router {
                 request_id: &request.request_id,
                 prompt: &request.prompt_tokens,
                 max_tokens: request.sampling.max_tokens,
+                now_ms: preble_telemetry::unix_ms(),
             },
         ) {
             Ok(decision) => decision,
@@ -326,23 +344,51 @@ impl Router {
             }
         };
         let observed = self.cluster.observe(&event, Instant::now());
-        match &event.body {
-            WorkerEventBody::KvInserted(_) => self
-                .metrics
-                .kv_events
-                .with_label_values(&["inserted"])
-                .inc(),
-            WorkerEventBody::KvEvicted(_) => {
-                self.metrics.kv_events.with_label_values(&["evicted"]).inc()
+        let worker = event.worker_id.as_str();
+        let now_ms = preble_telemetry::unix_ms();
+        let applied = match &event.body {
+            WorkerEventBody::KvInserted(k) => {
+                self.metrics
+                    .kv_events
+                    .with_label_values(&["inserted"])
+                    .inc();
+                self.policy.observe(&ClusterEvent::CacheInserted {
+                    worker,
+                    parent_hash: k.parent_hash,
+                    hash: k.path_hash,
+                    tokens: &k.tokens,
+                    now_ms,
+                })
             }
-            _ => {}
+            WorkerEventBody::KvEvicted(k) => {
+                self.metrics.kv_events.with_label_values(&["evicted"]).inc();
+                self.policy.observe(&ClusterEvent::CacheEvicted {
+                    worker,
+                    hash: k.path_hash,
+                    num_tokens: k.num_tokens,
+                })
+            }
+            WorkerEventBody::Finished(f) => self.policy.observe(&ClusterEvent::Finished {
+                worker,
+                output_tokens: f.usage.completion_tokens,
+                ttft_ms: f.ttft_ms,
+                tpot_ms: f.tpot_ms,
+                now_ms,
+            }),
+            _ => Ok(()),
+        };
+        if let Err(e) = applied {
+            debug!(%worker, error = %e, "cache event out of step");
+            self.request_digest(&event.worker_id);
         }
         if observed.gap {
             self.metrics.event_gaps.inc();
-            warn!(worker = %event.worker_id, seq = event.seq, "gap in worker events");
+            warn!(%worker, seq = event.seq, "gap in worker events");
+            self.request_digest(&event.worker_id);
         }
         if observed.joined {
-            info!(worker = %event.worker_id, "worker joined");
+            info!(%worker, "worker joined");
+            self.request_digest(&event.worker_id);
             self.retry_waiting();
         }
         self.metrics
@@ -350,9 +396,59 @@ impl Router {
             .set(self.cluster.live_workers() as i64);
     }
 
+    /// Asks `worker` for its full cache contents (once at a time per worker).
+    fn request_digest(&mut self, worker: &str) {
+        if !self.digests_pending.insert(worker.to_string()) {
+            return;
+        }
+        self.metrics.digests_requested.inc();
+        let client = self.client.clone();
+        let subject = self.config.subjects.digest(worker);
+        let results = self.digests.clone();
+        let worker = worker.to_string();
+        tokio::spawn(async move {
+            let spans = tokio::time::timeout(DIGEST_TIMEOUT, fetch_digest(&client, subject))
+                .await
+                .unwrap_or_else(|_| Err("timed out".to_string()));
+            let _ = results.send(DigestResult { worker, spans });
+        });
+    }
+
+    /// Replaces what the policy believes a worker's cache holds by its digest.
+    fn on_digest(&mut self, digest: DigestResult) {
+        self.digests_pending.remove(&digest.worker);
+        let worker = digest.worker.as_str();
+        let spans = match digest.spans {
+            Ok(spans) => spans,
+            Err(e) => {
+                warn!(%worker, error = %e, "no digest from worker");
+                return;
+            }
+        };
+        let now_ms = preble_telemetry::unix_ms();
+        let _ = self.policy.observe(&ClusterEvent::CacheReset { worker });
+        let mut tokens = 0;
+        for span in &spans {
+            tokens += span.tokens.len();
+            if let Err(e) = self.policy.observe(&ClusterEvent::CacheInserted {
+                worker,
+                parent_hash: span.parent_hash,
+                hash: span.path_hash,
+                tokens: &span.tokens,
+                now_ms,
+            }) {
+                warn!(%worker, error = %e, "malformed digest span");
+            }
+        }
+        info!(%worker, spans = spans.len(), tokens, "cache digest applied");
+    }
+
     fn on_tick(&mut self) {
         for (worker, owed) in self.cluster.reap(Instant::now()) {
             warn!(%worker, requests = owed.len(), "worker missed its heartbeats: dropped");
+            let _ = self
+                .policy
+                .observe(&ClusterEvent::WorkerGone { worker: &worker });
             self.metrics
                 .outstanding
                 .remove_label_values(&[&worker])
@@ -415,4 +511,29 @@ impl Router {
             client.publish(subject, encode(&error).into()).await.ok();
         });
     }
+}
+
+/// Collects a worker's digest: asks on its digest subject, reads parts until the last.
+async fn fetch_digest(client: &Client, subject: String) -> Result<Vec<KvInserted>, String> {
+    let inbox = client.new_inbox();
+    let mut sub = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    client
+        .publish_with_reply(subject, inbox, encode(&DigestRequest::default()).into())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut spans = Vec::new();
+    while let Some(message) = sub.next().await {
+        let event = decode::<WorkerEvent>(&message.payload).map_err(|e| e.to_string())?;
+        let WorkerEventBody::Digest(part) = event.body else {
+            return Err("digest answer is not a digest".into());
+        };
+        spans.extend(part.spans);
+        if !part.more {
+            return Ok(spans);
+        }
+    }
+    Err("digest subscription closed".into())
 }

@@ -171,7 +171,7 @@ impl RecentMedian {
         }
         self.values.push_back(v);
         self.updates += 1;
-        if self.median.is_none() || self.updates % 16 == 0 {
+        if self.median.is_none() || self.updates.is_multiple_of(16) {
             let mut sorted: Vec<f64> = self.values.iter().copied().collect();
             sorted.sort_by(f64::total_cmp);
             self.median = Some(sorted[sorted.len() / 2]);
