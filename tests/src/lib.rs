@@ -100,6 +100,9 @@ pub struct TestCluster {
     /// Model name.
     pub model: String,
     children: Vec<Child>,
+    scheduler: Option<Child>,
+    scheduler_args: Vec<String>,
+    scheduler_starts: usize,
     /// Where logs and the model live.
     pub dir: tempfile::TempDir,
 }
@@ -118,19 +121,27 @@ impl TestCluster {
         };
         let mut children = Vec::new();
         let scheduler_port = free_port();
-        if options.scheduler {
-            children.push(
-                Command::new(binary("preble-scheduler"))
-                    .args(["--nats-url", NATS_URL, "--subject-prefix", &prefix])
-                    .args(["--http-addr", &format!("127.0.0.1:{scheduler_port}")])
-                    .args(["--no-worker-wait-ms", "500", "--dispatch-timeout-ms", "500"])
-                    .args(&options.scheduler_args)
-                    .stdout(Stdio::null())
-                    .stderr(log("scheduler")?)
-                    .spawn()
-                    .context("starting the scheduler")?,
-            );
-        }
+        let mut scheduler_args: Vec<String> = [
+            "--nats-url",
+            NATS_URL,
+            "--subject-prefix",
+            &prefix,
+            "--no-worker-wait-ms",
+            "500",
+            "--dispatch-timeout-ms",
+            "500",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        scheduler_args.push("--http-addr".into());
+        scheduler_args.push(format!("127.0.0.1:{scheduler_port}"));
+        scheduler_args.extend(options.scheduler_args.iter().cloned());
+        let scheduler = if options.scheduler {
+            Some(spawn_scheduler(&scheduler_args, dir.path(), 0)?)
+        } else {
+            None
+        };
         let mut workers = Vec::new();
         for i in 0..options.workers {
             let port = free_port();
@@ -185,6 +196,9 @@ impl TestCluster {
             workers,
             model: "preble-sim".into(),
             children,
+            scheduler,
+            scheduler_args,
+            scheduler_starts: 1,
             dir,
         };
         cluster
@@ -261,8 +275,43 @@ impl TestCluster {
     }
 }
 
+impl TestCluster {
+    /// Kills the scheduler at once (no drain), like a crash.
+    pub fn kill_scheduler(&mut self) {
+        if let Some(mut child) = self.scheduler.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a scheduler again with the same flags (logging to `scheduler-N.log`).
+    pub fn start_scheduler(&mut self) -> Result<()> {
+        self.kill_scheduler();
+        let child = spawn_scheduler(&self.scheduler_args, self.dir.path(), self.scheduler_starts)?;
+        self.scheduler_starts += 1;
+        self.scheduler = Some(child);
+        Ok(())
+    }
+}
+
+fn spawn_scheduler(args: &[String], dir: &std::path::Path, start: usize) -> Result<Child> {
+    let name = if start == 0 {
+        "scheduler.log".to_string()
+    } else {
+        format!("scheduler-{start}.log")
+    };
+    let log = std::fs::File::create(dir.join(name))?;
+    Command::new(binary("preble-scheduler"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .context("starting the scheduler")
+}
+
 impl Drop for TestCluster {
     fn drop(&mut self) {
+        self.kill_scheduler();
         for w in &mut self.workers {
             w.kill();
         }

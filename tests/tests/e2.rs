@@ -67,3 +67,113 @@ async fn e2_reuses_shared_prefixes_and_keeps_workers_balanced() {
         "requests per worker {accepted:?} are not balanced"
     );
 }
+
+/// Which worker's `metric` grew between two snapshots.
+async fn grew(cluster: &TestCluster, metric: &str, before: &[f64]) -> Vec<usize> {
+    let mut out = Vec::new();
+    for (i, w) in cluster.workers.iter().enumerate() {
+        if scrape(&w.metrics_url, metric).await.unwrap() > before[i] {
+            out.push(i);
+        }
+    }
+    out
+}
+
+async fn snapshot(cluster: &TestCluster, metric: &str) -> Vec<f64> {
+    let mut out = Vec::new();
+    for w in &cluster.workers {
+        out.push(scrape(&w.metrics_url, metric).await.unwrap());
+    }
+    out
+}
+
+fn request(model: &str, k: u32, unique: u32, max_tokens: u32) -> serde_json::Value {
+    let mut prompt = prefix(k);
+    prompt.extend((0..20).map(|t| 5 + (unique * 20 + t) % 570));
+    json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": true})
+}
+
+#[tokio::test]
+async fn a_restarted_scheduler_loses_no_request_and_finds_the_cached_prefixes_again() {
+    let mut cluster = TestCluster::start(Options {
+        workers: 4,
+        time_scale: 1.0,
+        scheduler_args: vec!["--ack-wait-s".into(), "2".into()],
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let accepted = "preble:requests_accepted_total";
+    let before = snapshot(&cluster, accepted).await;
+    let (status, out) = post(
+        &cluster.gateway,
+        "/v1/completions",
+        &request(&cluster.model, 0, 0, 2),
+    )
+    .await;
+    assert_eq!(status, 200, "{out}");
+    let holder = grew(&cluster, accepted, &before).await;
+    assert_eq!(holder.len(), 1);
+    let holder = holder[0];
+
+    // Kill the scheduler while requests are in flight, then start a new one.
+    let load = (1..17).map(|i| {
+        let body = request(&cluster.model, i % 4 + 1, 100 + i, 24);
+        let gateway = cluster.gateway.clone();
+        tokio::spawn(async move { post(&gateway, "/v1/completions", &body).await })
+    });
+    let load: Vec<_> = load.collect();
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    cluster.kill_scheduler();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    cluster.start_scheduler().unwrap();
+    for handle in load {
+        let (status, out) = handle.await.unwrap();
+        assert_eq!(
+            status,
+            200,
+            "a request was lost across the restart: {out}\n{}",
+            cluster.logs()
+        );
+        assert_eq!(out["usage"]["completion_tokens"], 24);
+    }
+
+    // The new scheduler learned every worker's cache from digests: prefix 0 goes home.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while scrape(
+        &cluster.scheduler_metrics,
+        "preble:scheduler_digests_requested_total",
+    )
+    .await
+    .unwrap_or(0.0)
+        < 4.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no digests after the restart"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let hits = "preble:prefix_cache_hit_tokens_total";
+    let before = snapshot(&cluster, hits).await;
+    let (status, out) = post(
+        &cluster.gateway,
+        "/v1/completions",
+        &request(&cluster.model, 0, 999, 2),
+    )
+    .await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(
+        grew(&cluster, hits, &before).await,
+        vec![holder],
+        "the known prefix did not go back to its holder\n{}",
+        cluster.logs()
+    );
+    assert!(
+        out["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+            >= u64::from(PREFIX_TOKENS)
+    );
+}
