@@ -82,6 +82,19 @@ pub struct Args {
     /// Address of the `/health` and `/metrics` endpoint.
     #[arg(long, env = "PREBLE_HTTP_ADDR", default_value = "127.0.0.1:9000")]
     pub http_addr: SocketAddr,
+    /// Redis holding the prefix tree's snapshot and op log.
+    #[arg(
+        long,
+        env = "PREBLE_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis_url: String,
+    /// Keep the prefix tree in memory only (no Redis).
+    #[arg(long, env = "PREBLE_NO_PERSISTENCE")]
+    pub no_persistence: bool,
+    /// Seconds between snapshots of the prefix tree (each compacts the op log).
+    #[arg(long, env = "PREBLE_SNAPSHOT_INTERVAL_S", default_value_t = 30)]
+    pub snapshot_interval_s: u64,
     /// Log format: `pretty` or `json`.
     #[arg(long, env = "PREBLE_LOG_FORMAT", default_value = "pretty")]
     pub log_format: LogFormat,
@@ -112,6 +125,10 @@ pub struct Config {
     pub max_in_flight: i64,
     /// HTTP address.
     pub http_addr: SocketAddr,
+    /// Redis URL of the tree's persistence; `None` keeps it in memory only.
+    pub redis_url: Option<String>,
+    /// Time between snapshots.
+    pub snapshot_interval: Duration,
 }
 
 impl Config {
@@ -169,6 +186,8 @@ impl Config {
             ack_wait: Duration::from_secs(args.ack_wait_s.max(1)),
             max_in_flight: args.max_in_flight,
             http_addr: args.http_addr,
+            redis_url: (!args.no_persistence).then_some(args.redis_url),
+            snapshot_interval: Duration::from_secs(args.snapshot_interval_s.max(1)),
         })
     }
 }

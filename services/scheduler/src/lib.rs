@@ -7,11 +7,13 @@
 //!   released on every ending, reported load. No I/O.
 //! - [`service`]: the NATS side: the requests stream and consumer, the routing actor,
 //!   dispatch with request-reply, worker events.
+//! - [`persist`]: the prefix tree's snapshot and op log in Redis.
 //! - [`metrics`]: Prometheus metrics.
 
 pub mod cluster;
 pub mod config;
 pub mod metrics;
+pub mod persist;
 pub mod service;
 
 pub use config::{Args, Config};

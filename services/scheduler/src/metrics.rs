@@ -27,6 +27,10 @@ pub struct Metrics {
     pub kv_events: IntCounterVec,
     /// Cache digests asked of workers (on join, on an event gap, on an event out of step).
     pub digests_requested: IntCounter,
+    /// Persistence of the prefix tree.
+    pub persist: crate::persist::PersistMetrics,
+    /// Tokens of the prefix tree restored from Redis at start.
+    pub tree_tokens_restored: IntGauge,
 }
 
 impl Metrics {
@@ -36,6 +40,40 @@ impl Metrics {
         use preble_telemetry::register as reg;
         let opts = Opts::new;
         Metrics {
+            persist: crate::persist::PersistMetrics {
+                degraded: reg(
+                    &registry,
+                    IntGauge::with_opts(opts(
+                        "preble:scheduler_persistence_degraded",
+                        "1 while the prefix tree cannot be written to Redis",
+                    ))
+                    .expect("valid metric"),
+                ),
+                dropped_ops: reg(
+                    &registry,
+                    IntCounter::with_opts(opts(
+                        "preble:scheduler_persistence_dropped_ops_total",
+                        "Tree ops that could not be written to Redis",
+                    ))
+                    .expect("valid metric"),
+                ),
+                snapshots: reg(
+                    &registry,
+                    IntCounter::with_opts(opts(
+                        "preble:scheduler_tree_snapshots_total",
+                        "Prefix tree snapshots written to Redis",
+                    ))
+                    .expect("valid metric"),
+                ),
+            },
+            tree_tokens_restored: reg(
+                &registry,
+                IntGauge::with_opts(opts(
+                    "preble:scheduler_tree_tokens_restored",
+                    "Tokens of the prefix tree restored from Redis at start",
+                ))
+                .expect("valid metric"),
+            ),
             digests_requested: reg(
                 &registry,
                 IntCounter::with_opts(opts(

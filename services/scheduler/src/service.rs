@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 use crate::cluster::{Cluster, Outstanding};
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::persist::{self, Keys, Persistence, StoredOp, StoredSnapshot};
 
 /// How often dead workers are reaped and waiting requests retried.
 const TICK: Duration = Duration::from_millis(50);
@@ -82,10 +83,36 @@ pub async fn run(
         async move { http_token.cancelled().await },
     ));
 
+    let mut policy = config.policy.build(&config.policy_settings);
+    let persistence = match &config.redis_url {
+        Some(url) => {
+            let keys = Keys::new(config.subjects.prefix());
+            match persist::load(url, &keys).await {
+                Ok((snapshot, ops)) => {
+                    let tokens = restore(policy.as_mut(), &snapshot, &ops);
+                    metrics.tree_tokens_restored.set(tokens as i64);
+                    info!(
+                        spans = snapshot.spans.len(),
+                        ops = ops.len(),
+                        tokens,
+                        "prefix tree restored from redis"
+                    );
+                }
+                Err(e) => {
+                    metrics.persist.degraded.set(1);
+                    warn!(error = %e, "could not restore the prefix tree from redis; starting empty");
+                }
+            }
+            Some(Persistence::start(url, keys, metrics.persist.clone())?)
+        }
+        None => None,
+    };
     let (results_tx, mut results) = mpsc::unbounded_channel();
     let (digests_tx, mut digests) = mpsc::unbounded_channel();
     let mut router = Router {
-        policy: config.policy.build(&config.policy_settings),
+        policy,
+        persistence,
+        last_snapshot: Instant::now(),
         digests: digests_tx,
         digests_pending: HashSet::new(),
         cluster: Cluster::new(config.heartbeat_misses),
@@ -161,6 +188,8 @@ struct Router {
     digests: mpsc::UnboundedSender<DigestResult>,
     /// Workers whose digest was asked for and has not arrived.
     digests_pending: HashSet<String>,
+    persistence: Option<Persistence>,
+    last_snapshot: Instant,
     metrics: Metrics,
 }
 
@@ -377,9 +406,12 @@ impl Router {
             }),
             _ => Ok(()),
         };
-        if let Err(e) = applied {
-            debug!(%worker, error = %e, "cache event out of step");
-            self.request_digest(&event.worker_id);
+        match applied {
+            Ok(()) => self.persist_event(&event),
+            Err(e) => {
+                debug!(%worker, error = %e, "cache event out of step");
+                self.request_digest(&event.worker_id);
+            }
         }
         if observed.gap {
             self.metrics.event_gaps.inc();
@@ -441,6 +473,47 @@ impl Router {
             }
         }
         info!(%worker, spans = spans.len(), tokens, "cache digest applied");
+        if let Some(p) = &self.persistence {
+            // A digest can be large: a snapshot records it more cheaply than its ops.
+            p.record(&StoredOp::Reset {
+                worker: worker.to_string(),
+            });
+            p.want_snapshot();
+        }
+    }
+
+    /// Appends a cache event the policy applied to the persisted op log.
+    fn persist_event(&self, event: &WorkerEvent) {
+        let Some(p) = &self.persistence else {
+            return;
+        };
+        let worker = event.worker_id.clone();
+        let op = match &event.body {
+            WorkerEventBody::KvInserted(k) => StoredOp::Inserted {
+                worker,
+                parent_hash: k.parent_hash,
+                hash: k.path_hash,
+                tokens: k.tokens.clone(),
+            },
+            WorkerEventBody::KvEvicted(k) => StoredOp::Evicted {
+                worker,
+                hash: k.path_hash,
+                num_tokens: k.num_tokens,
+            },
+            _ => return,
+        };
+        p.record(&op);
+    }
+
+    /// Writes a snapshot when one is due (periodically, after a digest, or to catch up).
+    fn maybe_snapshot(&mut self) {
+        let Some(p) = &self.persistence else {
+            return;
+        };
+        if p.take_snapshot_wish() || self.last_snapshot.elapsed() >= self.config.snapshot_interval {
+            p.snapshot(self.policy.export());
+            self.last_snapshot = Instant::now();
+        }
     }
 
     fn on_tick(&mut self) {
@@ -449,6 +522,11 @@ impl Router {
             let _ = self
                 .policy
                 .observe(&ClusterEvent::WorkerGone { worker: &worker });
+            if let Some(p) = &self.persistence {
+                p.record(&StoredOp::Gone {
+                    worker: worker.clone(),
+                });
+            }
             self.metrics
                 .outstanding
                 .remove_label_values(&[&worker])
@@ -472,6 +550,7 @@ impl Router {
             .live_workers
             .set(self.cluster.live_workers() as i64);
         self.retry_waiting();
+        self.maybe_snapshot();
     }
 
     fn retry_waiting(&mut self) {
@@ -536,4 +615,54 @@ async fn fetch_digest(client: &Client, subject: String) -> Result<Vec<KvInserted
         }
     }
     Err("digest subscription closed".into())
+}
+
+/// Replays a stored snapshot and op log into the policy; returns the tokens restored.
+fn restore(policy: &mut dyn Policy, snapshot: &StoredSnapshot, ops: &[StoredOp]) -> usize {
+    let now_ms = preble_telemetry::unix_ms();
+    let mut tokens = 0;
+    for span in &snapshot.spans {
+        for worker in &span.holders {
+            tokens += span.tokens.len();
+            let _ = policy.observe(&ClusterEvent::CacheInserted {
+                worker,
+                parent_hash: span.parent_hash,
+                hash: span.hash,
+                tokens: &span.tokens,
+                now_ms,
+            });
+        }
+    }
+    for op in ops {
+        let event = match op {
+            StoredOp::Inserted {
+                worker,
+                parent_hash,
+                hash,
+                tokens: span,
+            } => {
+                tokens += span.len();
+                ClusterEvent::CacheInserted {
+                    worker,
+                    parent_hash: *parent_hash,
+                    hash: *hash,
+                    tokens: span,
+                    now_ms,
+                }
+            }
+            StoredOp::Evicted {
+                worker,
+                hash,
+                num_tokens,
+            } => ClusterEvent::CacheEvicted {
+                worker,
+                hash: *hash,
+                num_tokens: *num_tokens,
+            },
+            StoredOp::Reset { worker } => ClusterEvent::CacheReset { worker },
+            StoredOp::Gone { worker } => ClusterEvent::WorkerGone { worker },
+        };
+        let _ = policy.observe(&event);
+    }
+    tokens
 }

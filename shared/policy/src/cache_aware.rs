@@ -123,6 +123,10 @@ impl Policy for CacheAware {
         })
     }
 
+    fn export(&self) -> Vec<crate::ExportedSpan> {
+        self.mirror.export()
+    }
+
     fn observe(&mut self, event: &ClusterEvent<'_>) -> Result<(), TreeError> {
         match event {
             ClusterEvent::WorkerGone { .. } => self.mirror.observe(event),

@@ -409,6 +409,10 @@ impl Policy for E2 {
         })
     }
 
+    fn export(&self) -> Vec<crate::ExportedSpan> {
+        self.mirror.export()
+    }
+
     fn observe(&mut self, event: &ClusterEvent<'_>) -> Result<(), TreeError> {
         if let ClusterEvent::Finished {
             worker,

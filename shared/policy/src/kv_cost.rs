@@ -121,6 +121,10 @@ impl Policy for KvCost {
         })
     }
 
+    fn export(&self) -> Vec<crate::ExportedSpan> {
+        self.mirror.export()
+    }
+
     fn observe(&mut self, event: &ClusterEvent<'_>) -> Result<(), TreeError> {
         self.mirror.observe(event)
     }

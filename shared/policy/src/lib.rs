@@ -29,6 +29,7 @@ pub use decision::{Decision, DecisionKind, RouteError};
 pub use e2::{E2, E2Config};
 pub use kv_cost::{KvCost, KvCostConfig};
 pub use least_load::LeastLoad;
+pub use mirror::ExportedSpan;
 pub use round_robin::RoundRobin;
 pub use tree::TreeError;
 pub use view::{ClusterEvent, ClusterView, RouteRequest, WorkerLoad, WorkerView};
@@ -52,6 +53,12 @@ pub trait Policy: Send {
     fn observe(&mut self, event: &ClusterEvent<'_>) -> Result<(), TreeError> {
         let _ = event;
         Ok(())
+    }
+
+    /// What the policy knows the workers' caches hold, for persistence (empty for policies
+    /// that keep no tree). Replay it through [`Policy::observe`] to restore it.
+    fn export(&self) -> Vec<ExportedSpan> {
+        Vec::new()
     }
 }
 

@@ -10,6 +10,20 @@ use crate::{ClusterEvent, RouteError};
 /// Default bound of the tree (tokens): about 1.5 GB of tree at most.
 pub const DEFAULT_MAX_TREE_TOKENS: u64 = 50_000_000;
 
+/// A span of the tree and the workers that hold it: replaying it as a
+/// [`ClusterEvent::CacheInserted`] for each holder restores it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportedSpan {
+    /// Hash of the path the span follows.
+    pub parent_hash: u64,
+    /// Hash of the path through the span.
+    pub hash: u64,
+    /// The span's tokens.
+    pub tokens: Vec<u32>,
+    /// Ids of the workers holding it.
+    pub holders: Vec<String>,
+}
+
 /// The global tree and the worker index.
 #[derive(Clone, Debug)]
 pub struct Mirror {
@@ -47,6 +61,28 @@ impl Mirror {
         };
         self.index.insert(id.to_string(), w);
         Ok(w)
+    }
+
+    /// Everything the workers hold, parents first, by worker id (see [`ExportedSpan`]).
+    pub fn export(&self) -> Vec<ExportedSpan> {
+        let mut names: Vec<Option<&str>> = vec![None; self.next];
+        for (id, &w) in &self.index {
+            names[usize::from(w)] = Some(id.as_str());
+        }
+        self.tree
+            .held_spans()
+            .into_iter()
+            .map(|(parent_hash, hash, tokens, holders)| ExportedSpan {
+                parent_hash,
+                hash,
+                tokens,
+                holders: holders
+                    .into_iter()
+                    .filter_map(|w| names.get(usize::from(w)).copied().flatten())
+                    .map(str::to_string)
+                    .collect(),
+            })
+            .collect()
     }
 
     /// The index of a known worker.

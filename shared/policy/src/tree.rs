@@ -546,7 +546,38 @@ impl GlobalTree {
         self.merge_chains();
     }
 
-    /// Every worker's held prefixes as root-to-node paths (for tests and snapshots).
+    /// Every node some worker holds, parents first, with the indices of its holders (for
+    /// snapshots: replaying them as each holder's inserts rebuilds what the workers hold).
+    pub fn held_spans(&self) -> Vec<(u64, u64, Vec<u32>, Vec<WorkerIdx>)> {
+        let mut kids: FxHashMap<NodeIdx, Vec<NodeIdx>> = FxHashMap::default();
+        for (&(parent, _), &child) in &self.children {
+            kids.entry(parent).or_default().push(child);
+        }
+        let mut out = Vec::new();
+        let mut stack = vec![ROOT];
+        while let Some(id) = stack.pop() {
+            let Some(children) = kids.get_mut(&id) else {
+                continue;
+            };
+            children.sort_unstable();
+            for &c in children.iter() {
+                let n = &self.nodes[c as usize];
+                if n.holders.is_empty() {
+                    continue;
+                }
+                out.push((
+                    self.nodes[id as usize].hash,
+                    n.hash,
+                    n.tokens.clone(),
+                    n.holders.iter().collect(),
+                ));
+                stack.push(c);
+            }
+        }
+        out
+    }
+
+    /// Every worker's held prefixes as root-to-node paths (for tests).
     #[doc(hidden)]
     pub fn held_prefixes(&self, w: WorkerIdx) -> Vec<Vec<u32>> {
         let mut out = Vec::new();

@@ -98,6 +98,16 @@ proptest! {
         for (i, cache) in caches.iter().enumerate() {
             prop_assert_eq!(m.len_for(i as u16) as usize, cache.peek_match_len(&probe));
         }
+        // A snapshot of the held spans replayed on an empty tree restores every worker.
+        let mut restored = GlobalTree::new(1_000_000, 180_000);
+        for (parent_hash, hash, tokens, holders) in tree.held_spans() {
+            for w in holders {
+                restored.apply_inserted(w, parent_hash, hash, &tokens, 0).unwrap();
+            }
+        }
+        for i in 0..3u16 {
+            prop_assert_eq!(restored.held_prefixes(i), tree.held_prefixes(i));
+        }
         // Dead workers leave nothing behind.
         for i in 0..3u16 {
             tree.clear_worker(i);

@@ -1,0 +1,162 @@
+//! The prefix tree's persistence in Redis, against a dedicated `redis-server` this test starts
+//! and stops: routing never stops while Redis is down, persistence reports itself degraded and
+//! catches up with a fresh snapshot when Redis returns, and a restarted scheduler restores the
+//! tree from it.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::post;
+use preble_tests::{Options, TestCluster, free_port, scrape};
+use serde_json::json;
+
+struct Redis {
+    port: u16,
+    child: Child,
+}
+
+impl Redis {
+    fn start(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/ensure-services.sh installs it)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Redis { port, child }
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Length of the value at `key` (0 when absent).
+    fn strlen(&self, key: &str) -> u64 {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "STRLEN", key])
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn request(model: &str, family: u32, unique: u32) -> serde_json::Value {
+    let mut prompt: Vec<u32> = (0..300).map(|t| 5 + (family * 311 + t * 7) % 570).collect();
+    prompt.extend((0..10).map(|t| 5 + (unique * 10 + t) % 570));
+    json!({"model": model, "prompt": prompt, "max_tokens": 4})
+}
+
+#[tokio::test]
+async fn routing_survives_redis_restarts_and_persistence_catches_up() {
+    let port = free_port();
+    let mut redis = Redis::start(port);
+    let mut cluster = TestCluster::start(Options {
+        workers: 2,
+        scheduler_args: vec![
+            "--redis-url".into(),
+            format!("redis://127.0.0.1:{port}"),
+            "--snapshot-interval-s".into(),
+            "1".into(),
+        ],
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let key = format!("{}:tree:snapshot", cluster.prefix);
+    let metrics = cluster.scheduler_metrics.clone();
+    let metric = |name: &'static str| {
+        let metrics = metrics.clone();
+        async move { scrape(&metrics, name).await.unwrap_or(-1.0) }
+    };
+
+    for i in 0..4 {
+        let (status, out) = post(
+            &cluster.gateway,
+            "/v1/completions",
+            &request(&cluster.model, 1, i),
+        )
+        .await;
+        assert_eq!(status, 200, "{out}");
+    }
+    wait_for("a snapshot in redis", async || redis.strlen(&key) > 0).await;
+    assert_eq!(metric("preble:scheduler_persistence_degraded").await, 0.0);
+
+    // Redis goes away: every request is still served; persistence says it is degraded.
+    redis.stop();
+    for i in 0..6 {
+        let (status, out) = post(
+            &cluster.gateway,
+            "/v1/completions",
+            &request(&cluster.model, 2 + i % 2, 10 + i),
+        )
+        .await;
+        assert_eq!(status, 200, "routing stopped with redis down: {out}");
+    }
+    wait_for("degraded persistence", async || {
+        metric("preble:scheduler_persistence_degraded").await == 1.0
+    })
+    .await;
+
+    // Redis returns empty: the scheduler catches up with a fresh snapshot.
+    let redis = Redis::start(port);
+    let snapshots = metric("preble:scheduler_tree_snapshots_total").await;
+    let (status, _) = post(
+        &cluster.gateway,
+        "/v1/completions",
+        &request(&cluster.model, 4, 99),
+    )
+    .await;
+    assert_eq!(status, 200);
+    wait_for("catch-up", async || {
+        metric("preble:scheduler_persistence_degraded").await == 0.0
+            && metric("preble:scheduler_tree_snapshots_total").await > snapshots
+            && redis.strlen(&key) > 0
+    })
+    .await;
+
+    // A new scheduler restores the tree from redis before any worker's digest.
+    cluster.start_scheduler().unwrap();
+    wait_for("the tree restored", async || {
+        metric("preble:scheduler_tree_tokens_restored").await > 0.0
+    })
+    .await;
+    let (status, out) = post(
+        &cluster.gateway,
+        "/v1/completions",
+        &request(&cluster.model, 1, 500),
+    )
+    .await;
+    assert_eq!(status, 200, "{out}");
+}
