@@ -98,5 +98,46 @@ fn tree_memory(_: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, throughput, tree_memory);
+/// A day of unique prompts (one 1,000-token prompt per simulated second, nothing shared, no
+/// worker ever reporting a cache) against a 5M-token bound: the bound must hold throughout.
+fn day_of_unique_prompts(_: &mut Criterion) {
+    const BOUND: u64 = 5_000_000;
+    let ws = workers(8);
+    let mut e2 = E2::new(E2Config {
+        max_tree_tokens: BOUND,
+        ..E2Config::default()
+    });
+    let started = Instant::now();
+    let (mut peak_tokens, mut peak_bytes) = (0, 0);
+    let mut prompt = Vec::with_capacity(1_000);
+    for second in 0..86_400u64 {
+        prompt.clear();
+        prompt.extend((0..1_000u64).map(|t| (mix64(second << 16 | t) % 32_000) as u32));
+        let id = format!("d{second}");
+        let d = e2.route(
+            &ClusterView { workers: &ws },
+            &RouteRequest {
+                request_id: &id,
+                prompt: &prompt,
+                max_tokens: 43,
+                now_ms: second * 1_000,
+            },
+        );
+        black_box(d.ok());
+        let tree = &e2.mirror().tree;
+        peak_tokens = peak_tokens.max(tree.total_tokens());
+        if second % 1_000 == 0 {
+            peak_bytes = peak_bytes.max(tree.memory_bytes());
+        }
+        assert!(tree.total_tokens() <= BOUND, "bound broken at second {second}");
+    }
+    eprintln!(
+        "24 h of unique prompts (86.4M tokens) under a {BOUND}-token bound: peak {peak_tokens} tokens, \
+         peak {:.1} MB, {:.1} s",
+        peak_bytes as f64 / 1e6,
+        started.elapsed().as_secs_f64()
+    );
+}
+
+criterion_group!(benches, throughput, tree_memory, day_of_unique_prompts);
 criterion_main!(benches);
