@@ -129,7 +129,10 @@ fn day_of_unique_prompts(_: &mut Criterion) {
         if second % 1_000 == 0 {
             peak_bytes = peak_bytes.max(tree.memory_bytes());
         }
-        assert!(tree.total_tokens() <= BOUND, "bound broken at second {second}");
+        assert!(
+            tree.total_tokens() <= BOUND,
+            "bound broken at second {second}"
+        );
     }
     eprintln!(
         "24 h of unique prompts (86.4M tokens) under a {BOUND}-token bound: peak {peak_tokens} tokens, \
