@@ -396,6 +396,20 @@ impl RadixCache {
         self.nodes[id as usize].lru_key = wanted;
     }
 
+    /// Files `node` in a free slot of the node table; returns its index.
+    fn store(&mut self, node: Node) -> u32 {
+        match self.free_nodes.pop() {
+            Some(id) => {
+                self.nodes[id as usize] = node;
+                id
+            }
+            None => {
+                self.nodes.push(node);
+                (self.nodes.len() - 1) as u32
+            }
+        }
+    }
+
     fn add_leaf(&mut self, parent: u32, tokens: &[u32], slots: &[Slot]) -> u32 {
         let hash = extend(self.node(parent).hash, tokens);
         let node = Node {
@@ -408,16 +422,7 @@ impl RadixCache {
             hash,
             lru_key: None,
         };
-        let id = match self.free_nodes.pop() {
-            Some(id) => {
-                self.nodes[id as usize] = node;
-                id
-            }
-            None => {
-                self.nodes.push(node);
-                (self.nodes.len() - 1) as u32
-            }
-        };
+        let id = self.store(node);
         self.children.insert((parent, tokens[0]), id);
         self.node_mut(parent).children += 1;
         self.refresh(parent);
@@ -457,16 +462,7 @@ impl RadixCache {
             hash,
             lru_key: None,
         };
-        let upper_id = match self.free_nodes.pop() {
-            Some(u) => {
-                self.nodes[u as usize] = upper;
-                u
-            }
-            None => {
-                self.nodes.push(upper);
-                (self.nodes.len() - 1) as u32
-            }
-        };
+        let upper_id = self.store(upper);
         self.children.insert((parent, first), upper_id);
         self.children.insert((upper_id, lower_first), id);
         self.node_mut(id).parent = upper_id;

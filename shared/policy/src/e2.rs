@@ -23,7 +23,7 @@ use std::collections::VecDeque;
 use preble_costmodel::Profile;
 
 use crate::mirror::{DEFAULT_MAX_TREE_TOKENS, Mirror};
-use crate::tiebreak::{hash_str, mix64};
+use crate::tiebreak::{hash_str, mix64, softmax_pick};
 use crate::tree::TreeError;
 use crate::workers::WorkerIdx;
 use crate::{ClusterEvent, ClusterView, Decision, DecisionKind, Policy, RouteError, RouteRequest};
@@ -250,20 +250,10 @@ impl E2 {
         let min = terms.iter().map(Terms::total).fold(f64::INFINITY, f64::min);
         let draw = mix64(self.config.seed ^ hash_str(request_id) ^ salt);
         if self.config.temperature > 0.0 {
-            let mean = terms.iter().map(Terms::total).sum::<f64>() / terms.len() as f64;
+            let costs: Vec<f64> = terms.iter().map(Terms::total).collect();
+            let mean = costs.iter().sum::<f64>() / costs.len() as f64;
             let scale = self.config.temperature * mean.max(1e-9);
-            let weights: Vec<f64> = terms
-                .iter()
-                .map(|t| (-(t.total() - min) / scale).exp())
-                .collect();
-            let mut u = (draw >> 11) as f64 / (1u64 << 53) as f64 * weights.iter().sum::<f64>();
-            for (t, w) in terms.iter().zip(&weights) {
-                if u < *w {
-                    return *t;
-                }
-                u -= w;
-            }
-            return terms[terms.len() - 1];
+            return terms[softmax_pick(&costs, scale, draw)];
         }
         let tied: Vec<&Terms> = terms
             .iter()

@@ -84,21 +84,8 @@ impl Policy for KvCost {
         let min = costs.iter().copied().fold(f64::INFINITY, f64::min);
         let chosen = if self.config.temperature > 0.0 {
             let max = costs.iter().copied().fold(0.0, f64::max).max(1e-9);
-            let weights: Vec<f64> = costs
-                .iter()
-                .map(|c| (-(c - min) / max / self.config.temperature).exp())
-                .collect();
             let draw = mix64(self.config.seed ^ hash_str(request.request_id));
-            let mut u = (draw >> 11) as f64 / (1u64 << 53) as f64 * weights.iter().sum::<f64>();
-            let mut pick = weights.len() - 1;
-            for (i, w) in weights.iter().enumerate() {
-                if u < *w {
-                    pick = i;
-                    break;
-                }
-                u -= w;
-            }
-            pick
+            tiebreak::softmax_pick(&costs, max * self.config.temperature, draw)
         } else {
             let tied: Vec<usize> = (0..costs.len())
                 .filter(|&i| costs[i] <= min + 1e-9)

@@ -18,6 +18,22 @@ pub fn pick(candidates: &[usize], seed: u64, request_id: &str) -> Option<usize> 
     Some(candidates[(r % candidates.len() as u64) as usize])
 }
 
+/// Draws an index of `costs` (non-empty) with probability proportional to
+/// `exp(-(cost - min) / scale)`, using the random bits `draw`: cheaper is likelier, and `scale`
+/// (a temperature times a typical cost) sets how much likelier.
+pub fn softmax_pick(costs: &[f64], scale: f64, draw: u64) -> usize {
+    let min = costs.iter().copied().fold(f64::INFINITY, f64::min);
+    let weights: Vec<f64> = costs.iter().map(|c| (-(c - min) / scale).exp()).collect();
+    let mut u = (draw >> 11) as f64 / (1u64 << 53) as f64 * weights.iter().sum::<f64>();
+    for (i, w) in weights.iter().enumerate() {
+        if u < *w {
+            return i;
+        }
+        u -= w;
+    }
+    costs.len().saturating_sub(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -34,5 +50,18 @@ mod tests {
         }
         assert_eq!(seen.len(), 3);
         assert_eq!(pick(&[], 1, "x"), None);
+    }
+
+    #[test]
+    fn softmax_prefers_cheap_costs_and_draws_every_one_sometimes() {
+        let costs = [1.0, 2.0, 4.0];
+        let mut counts = [0u32; 3];
+        for i in 0..3000u64 {
+            counts[softmax_pick(&costs, 1.0, mix64(i))] += 1;
+        }
+        assert!(
+            counts[0] > counts[1] && counts[1] > counts[2] && counts[2] > 0,
+            "{counts:?}"
+        );
     }
 }

@@ -47,6 +47,15 @@ struct Node {
     epoch: u64,
 }
 
+/// The two worker sets of a node.
+#[derive(Clone, Copy, Debug)]
+enum Mark {
+    /// Workers whose cache holds the node.
+    Holder,
+    /// Workers requests for the node were sent to.
+    Routed,
+}
+
 /// What a walk down the tree found for a prompt.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TreeMatch {
@@ -184,7 +193,7 @@ impl GlobalTree {
         let path = self.insert_below(ROOT, tokens, now_ms);
         let epoch = now_ms / self.half_window_ms;
         for id in path {
-            self.add_routed(id, w);
+            self.mark(id, w, Mark::Routed, true);
             let n = &mut self.nodes[id as usize];
             roll(n, epoch);
             n.hits[1] = n.hits[1].saturating_add(1);
@@ -242,7 +251,7 @@ impl GlobalTree {
             debug_assert_eq!(self.nodes[last as usize].hash, hash, "path hash mismatch");
         }
         for id in path {
-            self.add_holder(id, w);
+            self.mark(id, w, Mark::Holder, true);
         }
         self.enforce_bound();
         Ok(())
@@ -263,8 +272,8 @@ impl GlobalTree {
         let mut left = u64::from(num_tokens);
         let mut id = end;
         while left > 0 && id != ROOT {
-            self.remove_holder(id, w);
-            self.remove_routed(id, w);
+            self.mark(id, w, Mark::Holder, false);
+            self.mark(id, w, Mark::Routed, false);
             left = left.saturating_sub(self.nodes[id as usize].tokens.len() as u64);
             id = self.nodes[id as usize].parent;
         }
@@ -288,50 +297,41 @@ impl GlobalTree {
         self.prune(0);
     }
 
-    fn add_holder(&mut self, id: NodeIdx, w: WorkerIdx) {
+    /// Adds (`present`) or removes worker `w` in one of node `id`'s sets, keeping that set's
+    /// per-worker token count in step.
+    fn mark(&mut self, id: NodeIdx, w: WorkerIdx, set: Mark, present: bool) {
         let n = &mut self.nodes[id as usize];
-        if !n.holders.contains(w) {
-            n.holders.insert(w);
-            let len = n.tokens.len() as u64;
-            let i = usize::from(w);
-            if self.held.len() <= i {
-                self.held.resize(i + 1, 0);
-            }
-            self.held[i] += len;
+        let (members, counts) = match set {
+            Mark::Holder => (&mut n.holders, &mut self.held),
+            Mark::Routed => (&mut n.routed, &mut self.routed),
+        };
+        if members.contains(w) == present {
+            return;
+        }
+        let len = n.tokens.len() as u64;
+        let i = usize::from(w);
+        if counts.len() <= i {
+            counts.resize(i + 1, 0);
+        }
+        if present {
+            members.insert(w);
+            counts[i] += len;
+        } else {
+            members.remove(w);
+            counts[i] = counts[i].saturating_sub(len);
         }
     }
 
-    fn add_routed(&mut self, id: NodeIdx, w: WorkerIdx) {
-        let n = &mut self.nodes[id as usize];
-        if !n.routed.contains(w) {
-            n.routed.insert(w);
-            let len = n.tokens.len() as u64;
-            let i = usize::from(w);
-            if self.routed.len() <= i {
-                self.routed.resize(i + 1, 0);
+    /// Files `node` in a free slot of the node table; returns its index.
+    fn store(&mut self, node: Node) -> NodeIdx {
+        match self.free.pop() {
+            Some(id) => {
+                self.nodes[id as usize] = node;
+                id
             }
-            self.routed[i] += len;
-        }
-    }
-
-    fn remove_routed(&mut self, id: NodeIdx, w: WorkerIdx) {
-        let n = &mut self.nodes[id as usize];
-        if n.routed.contains(w) {
-            n.routed.remove(w);
-            let len = n.tokens.len() as u64;
-            if let Some(r) = self.routed.get_mut(usize::from(w)) {
-                *r = r.saturating_sub(len);
-            }
-        }
-    }
-
-    fn remove_holder(&mut self, id: NodeIdx, w: WorkerIdx) {
-        let n = &mut self.nodes[id as usize];
-        if n.holders.contains(w) {
-            n.holders.remove(w);
-            let len = n.tokens.len() as u64;
-            if let Some(h) = self.held.get_mut(usize::from(w)) {
-                *h = h.saturating_sub(len);
+            None => {
+                self.nodes.push(node);
+                (self.nodes.len() - 1) as NodeIdx
             }
         }
     }
@@ -373,16 +373,7 @@ impl GlobalTree {
             last_access_ms: now_ms,
             ..Node::default()
         };
-        let id = match self.free.pop() {
-            Some(id) => {
-                self.nodes[id as usize] = node;
-                id
-            }
-            None => {
-                self.nodes.push(node);
-                (self.nodes.len() - 1) as NodeIdx
-            }
-        };
+        let id = self.store(node);
         self.children.insert((parent, first), id);
         self.by_hash.insert(hash, id);
         self.nodes[parent as usize].children += 1;
@@ -418,16 +409,7 @@ impl GlobalTree {
             hash,
             ..template
         };
-        let upper_id = match self.free.pop() {
-            Some(u) => {
-                self.nodes[u as usize] = upper;
-                u
-            }
-            None => {
-                self.nodes.push(upper);
-                (self.nodes.len() - 1) as NodeIdx
-            }
-        };
+        let upper_id = self.store(upper);
         self.children.insert((parent, first), upper_id);
         self.children.insert((upper_id, lower_first), id);
         self.by_hash.insert(hash, upper_id);
