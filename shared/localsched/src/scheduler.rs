@@ -518,15 +518,6 @@ impl<T> LocalScheduler<T> {
         self.waiting.remove_first(|s| s.id == id)
     }
 
-    /// Finds a sequence by a predicate over it, running or waiting.
-    pub fn find(&self, mut pred: impl FnMut(&Sequence<T>) -> bool) -> Option<SeqId> {
-        self.running
-            .iter()
-            .chain(self.waiting.iter())
-            .find(|s| pred(s))
-            .map(|s| s.id)
-    }
-
     /// Removes every request (shutdown).
     pub fn drain(&mut self) -> Vec<Sequence<T>> {
         let mut all = Vec::new();

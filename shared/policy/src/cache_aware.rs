@@ -51,7 +51,7 @@ impl CacheAware {
     /// A cache-aware policy.
     pub fn new(config: CacheAwareConfig) -> Self {
         Self {
-            mirror: Mirror::new(config.max_tree_tokens, 180_000),
+            mirror: Mirror::new(config.max_tree_tokens),
             config,
         }
     }

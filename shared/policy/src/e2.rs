@@ -212,7 +212,7 @@ impl E2 {
     pub fn new(config: E2Config) -> Self {
         let prior_tpot_ms = config.profile.decode_step_ms(16, 16 * 1024);
         Self {
-            mirror: Mirror::new(config.max_tree_tokens, config.window_ms),
+            mirror: Mirror::new(config.max_tree_tokens),
             config,
             windows: Vec::new(),
             tpot: RecentMedian::default(),

@@ -48,7 +48,7 @@ impl KvCost {
     /// A KV-cost policy.
     pub fn new(config: KvCostConfig) -> Self {
         Self {
-            mirror: Mirror::new(config.max_tree_tokens, 180_000),
+            mirror: Mirror::new(config.max_tree_tokens),
             config,
         }
     }

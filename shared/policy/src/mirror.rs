@@ -35,11 +35,10 @@ pub struct Mirror {
 }
 
 impl Mirror {
-    /// An empty mirror whose tree holds at most `max_tokens` and counts requests over
-    /// `window_ms`.
-    pub fn new(max_tokens: u64, window_ms: u64) -> Self {
+    /// An empty mirror whose tree holds at most `max_tokens`.
+    pub fn new(max_tokens: u64) -> Self {
         Self {
-            tree: GlobalTree::new(max_tokens, window_ms),
+            tree: GlobalTree::new(max_tokens),
             index: HashMap::new(),
             free: Vec::new(),
             next: 0,

@@ -3,8 +3,7 @@
 //! A token-level radix tree with compressed edges, one per model. Each node records the workers
 //! whose KV cache holds it (from the workers' own cache events: `holders`), the workers requests
 //! for it were routed to (`routed`, so a burst of requests sharing a new prefix sees the first
-//! one's assignment before the worker reports its cache), requests through it in the recent
-//! window, and its last access. Node ends are named by path hashes (`preble_prefix`), the same
+//! one's assignment before the worker reports its cache), and its last access. Node ends are named by path hashes (`preble_prefix`), the same
 //! names the workers use in their events, so events apply without shipping whole paths.
 //!
 //! Memory is bounded: past `max_tokens`, least recently used leaves that no worker holds are
@@ -41,10 +40,6 @@ struct Node {
     holders: WorkerSet,
     routed: WorkerSet,
     last_access_ms: u64,
-    /// Requests through this node in the current and the previous half-window.
-    hits: [u32; 2],
-    /// Half-window number of `hits[1]`.
-    epoch: u64,
 }
 
 /// The two worker sets of a node.
@@ -89,13 +84,12 @@ pub struct GlobalTree {
     routed: Vec<u64>,
     total_tokens: u64,
     max_tokens: u64,
-    half_window_ms: u64,
 }
 
 impl GlobalTree {
     /// An empty tree holding at most `max_tokens` tokens (beyond that it prunes what no worker
-    /// holds), counting requests per node over a window of `window_ms`.
-    pub fn new(max_tokens: u64, window_ms: u64) -> Self {
+    /// holds).
+    pub fn new(max_tokens: u64) -> Self {
         let mut by_hash = FxHashMap::default();
         by_hash.insert(ROOT_HASH, ROOT);
         Self {
@@ -110,7 +104,6 @@ impl GlobalTree {
             routed: Vec::new(),
             total_tokens: 0,
             max_tokens,
-            half_window_ms: (window_ms / 2).max(1),
         }
     }
 
@@ -185,48 +178,15 @@ impl GlobalTree {
     }
 
     /// Records that a request with this prompt was routed to `w` at `now_ms`: the path is
-    /// inserted (if new) and marked as sent to `w`, and every node on it counts the request.
+    /// inserted (if new), touched, and marked as sent to `w`.
     pub fn record_route(&mut self, tokens: &[u32], w: WorkerIdx, now_ms: u64) {
         if tokens.is_empty() {
             return;
         }
-        let path = self.insert_below(ROOT, tokens, now_ms);
-        let epoch = now_ms / self.half_window_ms;
-        for id in path {
+        for id in self.insert_below(ROOT, tokens, now_ms) {
             self.mark(id, w, Mark::Routed, true);
-            let n = &mut self.nodes[id as usize];
-            roll(n, epoch);
-            n.hits[1] = n.hits[1].saturating_add(1);
         }
         self.enforce_bound();
-    }
-
-    /// Requests through the node holding the end of `tokens` in the last window (0 if the
-    /// path is unknown).
-    pub fn requests_in_window(&self, tokens: &[u32], now_ms: u64) -> u32 {
-        let mut node = ROOT;
-        let mut pos = 0;
-        while pos < tokens.len() {
-            let Some(c) = self.child(node, tokens[pos]) else {
-                return 0;
-            };
-            let n = common_prefix_len(&self.nodes[c as usize].tokens, &tokens[pos..]);
-            pos += n;
-            node = c;
-            if n < self.nodes[c as usize].tokens.len() {
-                break;
-            }
-        }
-        if pos < tokens.len() {
-            return 0;
-        }
-        let n = &self.nodes[node as usize];
-        let epoch = now_ms / self.half_window_ms;
-        match epoch.saturating_sub(n.epoch) {
-            0 => n.hits[0] + n.hits[1],
-            1 => n.hits[1],
-            _ => 0,
-        }
     }
 
     /// Applies a worker's insert event: `tokens` after the path named `parent_hash`, with a
@@ -393,8 +353,6 @@ impl GlobalTree {
                     holders: n.holders,
                     routed: n.routed,
                     last_access_ms: n.last_access_ms,
-                    hits: n.hits,
-                    epoch: n.epoch,
                     ..Node::default()
                 },
             )
@@ -584,14 +542,4 @@ impl GlobalTree {
         out.sort();
         out
     }
-}
-
-/// Moves a node's request counts forward to half-window `epoch`.
-fn roll(n: &mut Node, epoch: u64) {
-    match epoch.saturating_sub(n.epoch) {
-        0 => {}
-        1 => n.hits = [n.hits[1], 0],
-        _ => n.hits = [0, 0],
-    }
-    n.epoch = epoch;
 }

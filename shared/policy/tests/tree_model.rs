@@ -52,7 +52,7 @@ proptest! {
     #[test]
     fn the_tree_mirrors_every_workers_cache(ops in proptest::collection::vec(op(3), 1..80)) {
         let mut caches: Vec<RadixCache> = (0..3).map(|_| RadixCache::new(40)).collect();
-        let mut tree = GlobalTree::new(1_000_000, 180_000);
+        let mut tree = GlobalTree::new(1_000_000);
         for (now, op) in ops.into_iter().enumerate() {
             let w = match &op {
                 Op::Insert(w, _) | Op::Match(w, _) | Op::Evict(w, _) => *w,
@@ -99,7 +99,7 @@ proptest! {
             prop_assert_eq!(m.len_for(i as u16) as usize, cache.peek_match_len(&probe));
         }
         // A snapshot of the held spans replayed on an empty tree restores every worker.
-        let mut restored = GlobalTree::new(1_000_000, 180_000);
+        let mut restored = GlobalTree::new(1_000_000);
         for (parent_hash, hash, tokens, holders) in tree.held_spans() {
             for w in holders {
                 restored.apply_inserted(w, parent_hash, hash, &tokens, 0).unwrap();
@@ -119,7 +119,7 @@ proptest! {
     #[test]
     fn routes_are_bounded_in_memory(prompts in proptest::collection::vec(
         proptest::collection::vec(0u32..50, 1..40), 1..200)) {
-        let mut tree = GlobalTree::new(500, 180_000);
+        let mut tree = GlobalTree::new(500);
         for (t, p) in prompts.iter().enumerate() {
             tree.record_route(p, (t % 4) as u16, t as u64);
             prop_assert!(tree.total_tokens() <= 500);
