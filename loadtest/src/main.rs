@@ -1,23 +1,27 @@
-//! `preble-loadtest`: benchmarks that drive a preble stack over HTTP.
-//!
-//! `path-bench` starts its own stack (real binaries on the local NATS, simulated GPUs whose
-//! iteration time is set to zero) and measures the serving path itself: time to first token
-//! at 1 and at N concurrent streams, and requests per second with `max_tokens` 1.
+//! `preble-loadtest`: generate Preble's workloads, simulate clusters, drive a live stack, and
+//! compare scheduling policies. `preble-loadtest --help` lists the commands.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
-use futures::StreamExt;
-use hdrhistogram::Histogram;
+use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use preble_tests::{Options, TestCluster};
-use serde_json::json;
-use tokio::sync::Mutex;
+use preble_loadtest::compare::{self, Sweep};
+use preble_loadtest::live::{self, LiveConfig, Transport};
+use preble_loadtest::report::{self, Judging, Summary};
+use preble_loadtest::sim::{ClusterSpec, SimConfig, simulate};
+use preble_loadtest::workload::arrivals::Arrivals;
+use preble_loadtest::workload::stats::Stats;
+use preble_loadtest::workload::synth::{Kind, Popularity, SynthConfig, generate};
+use preble_loadtest::workload::{Request, Workload, trace};
+use preble_policy::PolicyKind;
 
 #[derive(Parser)]
-#[command(version, about = "Benchmarks for preble")]
+#[command(
+    version,
+    about = "Preble's workloads, cluster simulator, live load driver and policy comparisons"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -25,6 +29,101 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generate a workload and write it as JSON lines (the same file drives every mode).
+    Gen {
+        #[command(flatten)]
+        workload: WorkloadArgs,
+        #[command(flatten)]
+        arrivals: ArrivalArgs,
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print a workload's statistics next to the paper's Table 1.
+    Stats {
+        #[command(flatten)]
+        workload: WorkloadArgs,
+    },
+    /// Simulate one policy on one cluster (no services, no sleeping).
+    Sim {
+        #[command(flatten)]
+        workload: WorkloadArgs,
+        #[command(flatten)]
+        arrivals: ArrivalArgs,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        /// Global scheduling policy.
+        #[arg(long, default_value = "e2")]
+        policy: PolicyKind,
+        #[command(flatten)]
+        judging: JudgingArgs,
+        /// Directory for summary.json, records.csv and the load plot.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Simulate several policies over a sweep of rates on the same requests and write the
+    /// report (table, JSON, CSV, plots).
+    Compare {
+        /// Workloads, comma-separated (each gets the same number of requests).
+        #[arg(long, value_delimiter = ',', default_value = "toolbench")]
+        workloads: Vec<String>,
+        /// Requests per run.
+        #[arg(long, default_value_t = 2000)]
+        requests: usize,
+        /// Seed of the workload and the arrivals.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Popularity of key prefixes: uniform, zipf or zipf:S.
+        #[arg(long, default_value = "uniform")]
+        popularity: Popularity,
+        /// Rates, requests per second, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        rates: Vec<f64>,
+        /// Policies, comma-separated.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "e2,round-robin,least-load,cache-aware,kv-cost"
+        )]
+        policies: Vec<PolicyKind>,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        #[command(flatten)]
+        judging: JudgingArgs,
+        /// Directory of the report.
+        #[arg(long, default_value = "loadtest-report")]
+        out: PathBuf,
+    },
+    /// Send a workload to a running stack and measure from the client side.
+    Live {
+        #[command(flatten)]
+        workload: WorkloadArgs,
+        #[command(flatten)]
+        arrivals: ArrivalArgs,
+        /// Gateway base URL (HTTP transport).
+        #[arg(long, default_value = "http://127.0.0.1:8000")]
+        gateway: String,
+        /// Use the NATS request API at this URL instead of HTTP.
+        #[arg(long)]
+        nats: Option<String>,
+        /// Subject prefix of the deployment (NATS transport).
+        #[arg(long, default_value = preble_protocol::subjects::DEFAULT_PREFIX)]
+        subject_prefix: String,
+        /// Model name; default: the first the gateway lists.
+        #[arg(long)]
+        model: Option<String>,
+        /// API key, if the gateway wants one.
+        #[arg(long, env = "PREBLE_API_KEY")]
+        api_key: Option<String>,
+        /// Give up on a request after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        request_timeout_s: u64,
+        #[command(flatten)]
+        judging: JudgingArgs,
+        /// Directory for summary.json and records.csv.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Overhead of the serving path (gateway + NATS + scheduler + worker hand-off).
     PathBench {
         /// Simulated workers.
@@ -39,106 +138,405 @@ enum Command {
     },
 }
 
+#[derive(Args, Clone)]
+struct WorkloadArgs {
+    /// A generator (toolbench, alfworld, apps, videoqa, loogle, mixed), a saved workload
+    /// (`file:PATH`), or a trace (`azure:PATH`, `mooncake:PATH`).
+    #[arg(long, default_value = "toolbench")]
+    workload: String,
+    /// Requests (generators: how many; files and traces: at most this many).
+    #[arg(long, default_value_t = 1000)]
+    requests: usize,
+    /// Seed of the generator.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Popularity of key prefixes: uniform, zipf or zipf:S.
+    #[arg(long, default_value = "uniform")]
+    popularity: Popularity,
+    /// Longest prompt plus output, tokens.
+    #[arg(long, default_value_t = 32_768)]
+    max_context: u32,
+}
+
+impl WorkloadArgs {
+    /// The requests and a name for reports; `timed` says whether they carry their own times.
+    fn load(&self) -> Result<(String, Vec<Request>, bool)> {
+        let (name, mut requests, timed) = match self.workload.split_once(':') {
+            Some(("file", path)) => (stem(path), Workload::load(path.as_ref())?.requests, true),
+            Some(("azure", path)) => (stem(path), trace::load_azure(path.as_ref())?, true),
+            Some(("mooncake", path)) => (stem(path), trace::load_mooncake(path.as_ref())?, true),
+            _ => {
+                let kind: Kind = self.workload.parse().map_err(anyhow::Error::msg)?;
+                let requests = generate(&SynthConfig {
+                    kind,
+                    requests: self.requests,
+                    seed: self.seed,
+                    popularity: self.popularity,
+                    max_context: self.max_context,
+                });
+                (kind.name().to_string(), requests, false)
+            }
+        };
+        requests.truncate(self.requests);
+        if requests.is_empty() {
+            bail!("workload {} has no requests", self.workload);
+        }
+        Ok((name, requests, timed))
+    }
+}
+
+fn stem(path: &str) -> String {
+    std::path::Path::new(path)
+        .file_stem()
+        .map_or("trace".into(), |s| s.to_string_lossy().into_owned())
+}
+
+#[derive(Args, Clone)]
+struct ArrivalArgs {
+    /// Poisson arrivals at this many requests per second (default for generated workloads: 1).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Use the timestamps of an Azure trace (`azure:PATH`) or Mooncake trace (`mooncake:PATH`).
+    #[arg(long)]
+    arrivals: Option<String>,
+    /// Multiply trace times by this (0.5 replays twice as fast).
+    #[arg(long, default_value_t = 1.0)]
+    time_scale: f64,
+    /// Seed of Poisson arrivals.
+    #[arg(long, default_value_t = 7)]
+    arrival_seed: u64,
+}
+
+impl ArrivalArgs {
+    /// Sets arrival times; returns the offered rate (0 when the times come from a trace).
+    fn apply(&self, requests: &mut [Request], timed: bool) -> Result<f64> {
+        if let Some(spec) = &self.arrivals {
+            let times: Vec<f64> = match spec.split_once(':') {
+                Some(("azure", path)) => trace::load_azure(path.as_ref())?,
+                Some(("mooncake", path)) => trace::load_mooncake(path.as_ref())?,
+                _ => bail!("--arrivals must be azure:PATH or mooncake:PATH, not {spec:?}"),
+            }
+            .iter()
+            .map(|r| r.at_ms)
+            .collect();
+            Arrivals::Timestamps {
+                times_ms: times,
+                scale: self.time_scale,
+            }
+            .apply(requests);
+            return Ok(0.0);
+        }
+        match (self.rate, timed) {
+            (Some(rate), _) => {
+                if !(rate > 0.0 && rate.is_finite()) {
+                    bail!("--rate must be positive, not {rate}");
+                }
+                Arrivals::Poisson {
+                    rate,
+                    seed: self.arrival_seed,
+                }
+                .apply(requests);
+                Ok(rate)
+            }
+            (None, true) => {
+                for r in requests.iter_mut() {
+                    r.at_ms *= self.time_scale;
+                }
+                Ok(0.0)
+            }
+            (None, false) => {
+                Arrivals::Poisson {
+                    rate: 1.0,
+                    seed: self.arrival_seed,
+                }
+                .apply(requests);
+                Ok(1.0)
+            }
+        }
+    }
+}
+
+#[derive(Args, Clone)]
+struct ClusterArgs {
+    /// Cluster: `<GPUs>x<profile>` (4xa6000-mistral-7b, 8xh100-tp4-llama3-70b, ...) or the
+    /// aliases 4xA6000-mistral7b and 8xH100-llama3-70b.
+    #[arg(long, default_value = "4xA6000-mistral7b")]
+    cluster: ClusterSpec,
+    /// Chunked-prefill budget per iteration, tokens.
+    #[arg(long, default_value_t = 512)]
+    chunk_tokens: u32,
+    /// KV capacity per serving unit, tokens; default: the profile's.
+    #[arg(long)]
+    kv_capacity_tokens: Option<u64>,
+}
+
+impl ClusterArgs {
+    fn config(&self, policy: PolicyKind) -> SimConfig {
+        let mut c = SimConfig::new(self.cluster.clone(), policy);
+        c.worker.chunk_tokens = self.chunk_tokens;
+        c.worker.kv_capacity_tokens = self.kv_capacity_tokens;
+        c
+    }
+}
+
+#[derive(Args, Clone, Copy)]
+struct JudgingArgs {
+    /// Latency SLO for goodput, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    slo_s: f64,
+    /// Requests slower than this count as timed out, seconds.
+    #[arg(long, default_value_t = 600.0)]
+    timeout_s: f64,
+}
+
+impl From<JudgingArgs> for Judging {
+    fn from(a: JudgingArgs) -> Self {
+        Judging {
+            slo_ms: a.slo_s * 1e3,
+            timeout_ms: a.timeout_s * 1e3,
+        }
+    }
+}
+
+fn bar(len: u64, prefix: String) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    if let Ok(style) = ProgressStyle::with_template(
+        "{prefix:<32} [{bar:40}] {pos}/{len} requests, {elapsed} elapsed, eta {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_prefix(prefix);
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+fn write_run(dir: &std::path::Path, summary: &Summary, run: &report::RunResult) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    report::files::write_json(&dir.join("summary.json"), summary)?;
+    report::files::write_records_csv(&dir.join("records.csv"), run)?;
+    let mut written = vec![dir.join("summary.json"), dir.join("records.csv")];
+    if !run.load.is_empty() {
+        written.extend(report::plot::plot_load_over_time(&dir.join("load"), run)?);
+    }
+    for f in written {
+        println!("wrote {}", f.display());
+    }
+    Ok(())
+}
+
+fn print_stats(name: &str, requests: &[Request]) {
+    let s = Stats::of(requests);
+    println!(
+        "{name}: {} requests; prompt {:.0} ± {:.0} tokens; output {:.1} ± {:.1}; shared prefix {:.0}%; {:.1} requests per key; {:.2} req/s",
+        s.requests,
+        s.prompt_mean,
+        s.prompt_std,
+        s.output_mean,
+        s.output_std,
+        s.shared_fraction * 100.0,
+        s.requests_per_key,
+        s.rate
+    );
+    if let Some(shape) = name.parse::<Kind>().ok().and_then(|k| k.shape()) {
+        println!(
+            "{:>width$}  paper: prompt {:.0} ± {:.0}; output {:.1} ± {:.1}; shared prefix {:.0}%; {:.1} requests per key",
+            "",
+            shape.prompt_mean,
+            shape.prompt_std,
+            shape.output_mean,
+            shape.output_std,
+            shape.shared * 100.0,
+            shape.per_key,
+            width = name.len()
+        );
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     match Cli::parse().command {
+        Command::Gen {
+            workload,
+            arrivals,
+            out,
+        } => {
+            let (name, mut requests, timed) = workload.load()?;
+            arrivals.apply(&mut requests, timed)?;
+            let w = Workload::new(requests);
+            w.save(&out)?;
+            print_stats(&name, &w.requests);
+            println!("wrote {}", out.display());
+        }
+        Command::Stats { workload } => {
+            let (name, requests, _) = workload.load()?;
+            print_stats(&name, &requests);
+        }
+        Command::Sim {
+            workload,
+            arrivals,
+            cluster,
+            policy,
+            judging,
+            out,
+        } => {
+            let (name, mut requests, timed) = workload.load()?;
+            let rate = arrivals.apply(&mut requests, timed)?;
+            let requests = Workload::new(requests).requests;
+            let config = cluster.config(policy);
+            let progress = bar(
+                requests.len() as u64,
+                format!("{name} {} @ {rate:.2}/s", policy.name()),
+            );
+            let (mut run, counters) = tokio::task::block_in_place(|| {
+                simulate(&requests, &config, &mut |n| progress.set_position(n as u64))
+            });
+            progress.finish_and_clear();
+            run.workload = name;
+            run.rate = rate;
+            let summary = Summary::of(&run, judging.into());
+            print!("{}", report::table::render(std::slice::from_ref(&summary)));
+            println!(
+                "simulated {:.0} s of {} in {:.1} s wall ({} iterations, {} preemptions, {} resyncs)",
+                run.records
+                    .iter()
+                    .filter_map(|r| r.end_ms)
+                    .fold(0.0, f64::max)
+                    / 1e3,
+                config.cluster.name,
+                run.wall_s,
+                counters.iterations,
+                counters.preemptions,
+                counters.resyncs
+            );
+            if let Some(dir) = out {
+                write_run(&dir, &summary, &run)?;
+            }
+        }
+        Command::Compare {
+            workloads,
+            requests,
+            seed,
+            popularity,
+            rates,
+            policies,
+            cluster,
+            judging,
+            out,
+        } => {
+            let mut all = Vec::new();
+            for name in &workloads {
+                let kind: Kind = name.parse().map_err(anyhow::Error::msg)?;
+                let sweep = Sweep {
+                    workload: kind.name().to_string(),
+                    requests: generate(&SynthConfig {
+                        popularity,
+                        max_context: cluster.cluster.profile.model.context_len,
+                        ..SynthConfig::new(kind, requests, seed)
+                    }),
+                    rates: rates.clone(),
+                    policies: policies.clone(),
+                    arrival_seed: seed,
+                    sim: cluster.config(PolicyKind::E2),
+                    judging: judging.into(),
+                };
+                let runs = rates.len() * policies.len();
+                let mut current: Option<(usize, ProgressBar)> = None;
+                let done = tokio::task::block_in_place(|| {
+                    compare::run_sweep(&sweep, &mut |index, _, ended, n| {
+                        if current.as_ref().is_none_or(|(i, _)| *i != index) {
+                            if let Some((_, b)) = current.take() {
+                                b.finish_and_clear();
+                            }
+                            let rate = rates[index / policies.len()];
+                            let policy = policies[index % policies.len()].name();
+                            current = Some((
+                                index,
+                                bar(
+                                    n as u64,
+                                    format!("[{}/{runs}] {name} {policy} @ {rate}/s", index + 1),
+                                ),
+                            ));
+                        }
+                        if let Some((_, b)) = &current {
+                            b.set_position(ended as u64);
+                        }
+                    })
+                });
+                if let Some((_, b)) = current.take() {
+                    b.finish_and_clear();
+                }
+                let summaries: Vec<Summary> = done.iter().map(|r| r.summary.clone()).collect();
+                print!("{}", report::table::render(&summaries));
+                print!("{}", compare::render_ratios(&compare::ratios(&summaries)));
+                all.extend(done);
+            }
+            let files = compare::write_report(&out, &all)?;
+            for f in files {
+                println!("wrote {}", f.display());
+            }
+        }
+        Command::Live {
+            workload,
+            arrivals,
+            gateway,
+            nats,
+            subject_prefix,
+            model,
+            api_key,
+            request_timeout_s,
+            judging,
+            out,
+        } => {
+            let (name, mut requests, timed) = workload.load()?;
+            let rate = arrivals.apply(&mut requests, timed)?;
+            let requests = Workload::new(requests).requests;
+            let transport = match nats {
+                Some(url) => Transport::Nats {
+                    url,
+                    subject_prefix,
+                },
+                None => Transport::Http {
+                    base_url: gateway.clone(),
+                    api_key,
+                },
+            };
+            let model = match model {
+                Some(m) => m,
+                None => live::first_model(&gateway)
+                    .await
+                    .context("asking the gateway for its models (or pass --model)")?,
+            };
+            let config = LiveConfig {
+                transport,
+                model,
+                request_timeout: Duration::from_secs(request_timeout_s),
+            };
+            let progress = bar(requests.len() as u64, format!("live {name} @ {rate:.2}/s"));
+            let mut run =
+                live::run(&requests, &config, &|n| progress.set_position(n as u64)).await?;
+            progress.finish_and_clear();
+            run.workload = name;
+            run.rate = rate;
+            let summary = Summary::of(&run, judging.into());
+            print!("{}", report::table::render(std::slice::from_ref(&summary)));
+            if let Some(dir) = out {
+                write_run(&dir, &summary, &run)?;
+            }
+            if summary.errors > 0 {
+                let first = run.records.iter().find_map(|r| r.error.clone());
+                bail!(
+                    "{} of {} requests failed (first: {})",
+                    summary.errors,
+                    summary.requests,
+                    first.unwrap_or_default()
+                );
+            }
+        }
         Command::PathBench {
             workers,
             concurrency,
             requests,
-        } => path_bench(workers, concurrency, requests).await,
+        } => preble_loadtest::path_bench::path_bench(workers, concurrency, requests).await?,
     }
-}
-
-async fn path_bench(workers: usize, concurrency: usize, requests: usize) -> Result<()> {
-    let cluster = TestCluster::start(Options {
-        workers,
-        time_scale: 0.0,
-        ..Options::default()
-    })
-    .await?;
-    println!(
-        "stack up: {workers} sim workers (iteration time 0), gateway {}",
-        cluster.gateway
-    );
-    for c in [1, concurrency] {
-        let n = if c == 1 { requests.min(500) } else { requests };
-        let (ttft, elapsed) = run_phase(&cluster, c, n, true).await?;
-        println!(
-            "TTFT (path overhead) at {c:>3} concurrent streams over {n} requests: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({:.0} req/s)",
-            ttft.value_at_quantile(0.5) as f64 / 1e3,
-            ttft.value_at_quantile(0.99) as f64 / 1e3,
-            ttft.max() as f64 / 1e3,
-            n as f64 / elapsed.as_secs_f64()
-        );
-    }
-    let (latency, elapsed) = run_phase(&cluster, concurrency, requests, false).await?;
-    println!(
-        "max_tokens=1, {concurrency} concurrent non-streaming clients: {:.0} req/s (latency p50 {:.2} ms, p99 {:.2} ms)",
-        requests as f64 / elapsed.as_secs_f64(),
-        latency.value_at_quantile(0.5) as f64 / 1e3,
-        latency.value_at_quantile(0.99) as f64 / 1e3,
-    );
     Ok(())
-}
-
-/// Runs `total` requests with `concurrency` clients; returns the TTFT (streaming) or latency
-/// histogram in microseconds and the wall time.
-async fn run_phase(
-    cluster: &TestCluster,
-    concurrency: usize,
-    total: usize,
-    streaming: bool,
-) -> Result<(Histogram<u64>, Duration)> {
-    let http = reqwest::Client::new();
-    let histogram = Arc::new(Mutex::new(Histogram::<u64>::new(3)?));
-    let bar = ProgressBar::new(total as u64);
-    bar.set_style(ProgressStyle::with_template(
-        "{msg} [{bar:40}] {pos}/{len} {per_sec} eta {eta}",
-    )?);
-    bar.set_message(format!(
-        "{} x{concurrency}",
-        if streaming { "stream" } else { "plain" }
-    ));
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let started = Instant::now();
-    let clients = (0..concurrency).map(|_| {
-        let (http, histogram, bar, next) = (http.clone(), histogram.clone(), bar.clone(), next.clone());
-        let url = format!("{}/v1/completions", cluster.gateway);
-        let model = cluster.model.clone();
-        async move {
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= total {
-                    return Ok::<_, anyhow::Error>(());
-                }
-                let body = json!({"model": model, "prompt": format!("benchmark request {i}"), "max_tokens": 1, "stream": streaming});
-                let t0 = Instant::now();
-                let response = http.post(&url).json(&body).send().await.context("request")?;
-                if !response.status().is_success() {
-                    bail!("status {}", response.status());
-                }
-                let measured = if streaming {
-                    let mut bytes = response.bytes_stream();
-                    let first = bytes.next().await.context("empty stream")??;
-                    let at = t0.elapsed();
-                    drop(first);
-                    while bytes.next().await.is_some() {}
-                    at
-                } else {
-                    response.bytes().await?;
-                    t0.elapsed()
-                };
-                histogram.lock().await.record(measured.as_micros() as u64)?;
-                bar.inc(1);
-            }
-        }
-    });
-    for result in futures::future::join_all(clients).await {
-        result?;
-    }
-    bar.finish_and_clear();
-    let elapsed = started.elapsed();
-    let h = histogram.lock().await.clone();
-    Ok((h, elapsed))
 }

@@ -112,6 +112,7 @@ async fn generate(
         seed: request.seed,
         stop: Some(crate::openai::Stop::Many(request.stop.clone())),
         user: request.user.clone(),
+        ignore_eos: request.ignore_eos,
         ..CommonParams::default()
     };
     let default = if request.messages.is_some() {

@@ -95,6 +95,17 @@ impl PolicyKind {
     pub const NAMES: [&'static str; 5] =
         ["e2", "cache-aware", "kv-cost", "least-load", "round-robin"];
 
+    /// Its command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            PolicyKind::E2 => "e2",
+            PolicyKind::CacheAware => "cache-aware",
+            PolicyKind::KvCost => "kv-cost",
+            PolicyKind::LeastLoad => "least-load",
+            PolicyKind::RoundRobin => "round-robin",
+        }
+    }
+
     /// Builds the policy with `settings`.
     pub fn build(self, settings: &PolicySettings) -> Box<dyn Policy> {
         match self {
@@ -120,16 +131,20 @@ impl std::str::FromStr for PolicyKind {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "e2" => Ok(PolicyKind::E2),
-            "cache-aware" => Ok(PolicyKind::CacheAware),
-            "kv-cost" => Ok(PolicyKind::KvCost),
-            "least-load" => Ok(PolicyKind::LeastLoad),
-            "round-robin" => Ok(PolicyKind::RoundRobin),
-            other => Err(format!(
-                "unknown policy {other:?}; known: {}",
+        [
+            PolicyKind::E2,
+            PolicyKind::CacheAware,
+            PolicyKind::KvCost,
+            PolicyKind::LeastLoad,
+            PolicyKind::RoundRobin,
+        ]
+        .into_iter()
+        .find(|k| k.name() == s)
+        .ok_or_else(|| {
+            format!(
+                "unknown policy {s:?}; known: {}",
                 PolicyKind::NAMES.join(", ")
-            )),
-        }
+            )
+        })
     }
 }

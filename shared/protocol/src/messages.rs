@@ -474,6 +474,9 @@ pub struct ApiRequest {
     /// End user.
     #[serde(default)]
     pub user: Option<String>,
+    /// Keep generating past end-of-sequence tokens (benchmarks want exact output lengths).
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 impl ApiRequest {
@@ -491,6 +494,7 @@ impl ApiRequest {
             seed: None,
             stop: Vec::new(),
             user: None,
+            ignore_eos: false,
         }
     }
 }
