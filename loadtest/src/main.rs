@@ -124,6 +124,23 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Start a local stack of sim workers, run a workload through it over HTTP, run the same
+    /// requests through the simulator, and compare the two.
+    Crosscheck {
+        #[command(flatten)]
+        workload: WorkloadArgs,
+        #[command(flatten)]
+        arrivals: ArrivalArgs,
+        /// Simulated workers (A6000 running Mistral-7B, in real time).
+        #[arg(long, default_value_t = 4)]
+        workers: usize,
+        /// Global scheduling policy.
+        #[arg(long, default_value = "e2")]
+        policy: PolicyKind,
+        /// Directory for both runs' summaries and records.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Overhead of the serving path (gateway + NATS + scheduler + worker hand-off).
     PathBench {
         /// Simulated workers.
@@ -532,11 +549,98 @@ async fn main() -> Result<()> {
                 );
             }
         }
+        Command::Crosscheck {
+            workload,
+            arrivals,
+            workers,
+            policy,
+            out,
+        } => {
+            let (name, mut requests, timed) = workload.load()?;
+            let rate = arrivals.apply(&mut requests, timed)?;
+            let requests = Workload::new(requests).requests;
+            crosscheck(&name, rate, &requests, workers, policy, out).await?;
+        }
         Command::PathBench {
             workers,
             concurrency,
             requests,
         } => preble_loadtest::path_bench::path_bench(workers, concurrency, requests).await?,
+    }
+    Ok(())
+}
+
+/// Runs `requests` live on a fresh local stack and in the simulator; prints both and the
+/// ratio of their average latencies.
+async fn crosscheck(
+    name: &str,
+    rate: f64,
+    requests: &[Request],
+    workers: usize,
+    policy: PolicyKind,
+    out: Option<PathBuf>,
+) -> Result<()> {
+    let stack = preble_tests::TestCluster::start(preble_tests::Options {
+        workers,
+        time_scale: 1.0,
+        scheduler_args: vec!["--policy".into(), policy.name().into()],
+        ..preble_tests::Options::default()
+    })
+    .await?;
+    println!(
+        "stack up: {workers} sim workers (a6000-mistral-7b, real time), gateway {}",
+        stack.gateway
+    );
+    let config = LiveConfig {
+        transport: Transport::Http {
+            base_url: stack.gateway.clone(),
+            api_key: None,
+        },
+        model: stack.model.clone(),
+        request_timeout: Duration::from_secs(600),
+    };
+    let progress = bar(requests.len() as u64, format!("live {name} @ {rate:.2}/s"));
+    let mut live_run = live::run(requests, &config, &|n| progress.set_position(n as u64)).await?;
+    progress.finish_and_clear();
+    drop(stack);
+    live_run.workload = name.to_string();
+    live_run.rate = rate;
+    let cluster: ClusterSpec = format!("{workers}xa6000-mistral-7b")
+        .parse()
+        .map_err(anyhow::Error::msg)?;
+    let (mut sim_run, _) = tokio::task::block_in_place(|| {
+        simulate(requests, &SimConfig::new(cluster, policy), &mut |_| {})
+    });
+    sim_run.workload = name.to_string();
+    sim_run.rate = rate;
+    let judging = Judging::default();
+    let (live_summary, sim_summary) = (
+        Summary::of(&live_run, judging),
+        Summary::of(&sim_run, judging),
+    );
+    print!(
+        "{}",
+        report::table::render(&[live_summary.clone(), sim_summary.clone()])
+    );
+    let ratio = live_summary.latency_ms.mean / sim_summary.latency_ms.mean;
+    println!(
+        "average latency: live {:.3} s, simulated {:.3} s: live/sim = {ratio:.3} ({:+.1}%); TTFT live {:.3} s, simulated {:.3} s",
+        live_summary.latency_ms.mean / 1e3,
+        sim_summary.latency_ms.mean / 1e3,
+        (ratio - 1.0) * 100.0,
+        live_summary.ttft_ms.mean / 1e3,
+        sim_summary.ttft_ms.mean / 1e3,
+    );
+    if let Some(dir) = out {
+        write_run(&dir.join("live"), &live_summary, &live_run)?;
+        write_run(&dir.join("sim"), &sim_summary, &sim_run)?;
+    }
+    if live_summary.errors > 0 || live_summary.timed_out > 0 {
+        bail!(
+            "live run: {} errors, {} timed out",
+            live_summary.errors,
+            live_summary.timed_out
+        );
     }
     Ok(())
 }

@@ -37,7 +37,7 @@ impl std::str::FromStr for ClusterSpec {
             .map_err(|_| format!("cluster {s:?}: {count:?} is not a number of GPUs"))?;
         let profile = Profile::by_name(profile).map_err(|e| e.to_string())?;
         let tp = profile.tensor_parallel as usize;
-        if gpus == 0 || gpus % tp != 0 {
+        if gpus == 0 || !gpus.is_multiple_of(tp) {
             return Err(format!(
                 "cluster {s:?}: {gpus} GPUs do not split into units of {tp} (the profile's tensor parallelism)"
             ));

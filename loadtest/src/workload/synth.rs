@@ -408,7 +408,7 @@ fn chains(config: &SynthConfig) -> Vec<Request> {
 
 /// Equal shares of the five workloads, interleaved at random.
 fn mixed(config: &SynthConfig) -> Vec<Request> {
-    let mut rng = StdRng::seed_from_u64(config.seed ^ 0x6d69_7865_64);
+    let mut rng = StdRng::seed_from_u64(config.seed ^ 0x006d_6978_6564);
     let parts: Vec<Vec<Request>> = Kind::SINGLE
         .iter()
         .enumerate()
