@@ -604,6 +604,7 @@ async fn crosscheck(
     progress.finish_and_clear();
     drop(stack);
     live_run.workload = name.to_string();
+    live_run.policy = format!("live {}", policy.name());
     live_run.rate = rate;
     let cluster: ClusterSpec = format!("{workers}xa6000-mistral-7b")
         .parse()
@@ -612,6 +613,7 @@ async fn crosscheck(
         simulate(requests, &SimConfig::new(cluster, policy), &mut |_| {})
     });
     sim_run.workload = name.to_string();
+    sim_run.policy = format!("sim {}", policy.name());
     sim_run.rate = rate;
     let judging = Judging::default();
     let (live_summary, sim_summary) = (
