@@ -40,6 +40,9 @@ pub struct Args {
     /// E2: replicate a prefix when its holder's TTFT grew by this factor over the window.
     #[arg(long, env = "PREBLE_REPLICATE_TTFT_RATIO", default_value_t = 2.0)]
     pub replicate_ttft_ratio: f64,
+    /// E2: weight of a worker's queued prefill in its load cost (0: the paper's load cost).
+    #[arg(long, env = "PREBLE_QUEUE_WEIGHT", default_value_t = 1.0)]
+    pub queue_weight: f64,
     /// E2 and kv-cost: softmax temperature over normalised costs (0: pick the minimum).
     #[arg(long, env = "PREBLE_TEMPERATURE", default_value_t = 0.0)]
     pub temperature: f64,
@@ -141,6 +144,9 @@ impl Config {
         if !(args.rebalance_threshold >= 1.0 && args.replicate_ttft_ratio >= 1.0) {
             bail!("--rebalance-threshold and --replicate-ttft-ratio must be at least 1");
         }
+        if !(args.queue_weight >= 0.0) {
+            bail!("--queue-weight must be >= 0");
+        }
         if !(args.temperature >= 0.0 && (0.0..=1.0).contains(&args.cache_threshold)) {
             bail!("--temperature must be >= 0 and --cache-threshold within 0..=1");
         }
@@ -153,6 +159,7 @@ impl Config {
                 rebalance_threshold: args.rebalance_threshold,
                 warmup_requests: args.warmup_requests,
                 replicate_ttft_ratio: args.replicate_ttft_ratio,
+                queue_weight: args.queue_weight,
                 temperature: args.temperature,
                 max_tree_tokens: args.max_tree_tokens,
                 profile,

@@ -1,11 +1,15 @@
 //! E2, Preble's global scheduling algorithm (paper section 3.2-3.3): exploit a worker's cached
 //! prefix when the hit is larger than the miss, otherwise explore for the worker of least
 //! total cost; rebalance away from overloaded holders, replicate hot prefixes, and let
-//! decode-heavy workers take prefill-heavy requests.
+//! decode-heavy workers take prefill-heavy requests. Replication needs the holder's recent TTFT
+//! to have doubled *and* to exceed the request's own full prefill time (recomputing the prefix
+//! elsewhere must be cheaper than waiting), so noise in small TTFTs does not replicate.
 //!
 //! Costs are milliseconds from `preble-costmodel`:
 //! - L (load): estimated prefill plus decode time of the requests routed to the worker in the
-//!   window (default 3 minutes).
+//!   window (default 3 minutes), plus (beyond the paper) the prefill time of the tokens queued
+//!   on it at its last load report: with few, long requests the window balances work over
+//!   minutes while a request waits behind what is queued now.
 //! - M (eviction): the tokens this request would make the worker evict (what it holds plus the
 //!   request's missed tokens beyond its capacity), at prefill cost, weighted by how much of the
 //!   worker's recent prompts came from its cache (evicting a cache nobody reuses costs nothing).
@@ -46,6 +50,10 @@ pub struct E2Config {
     /// Weight of a worker's decode load when a prefill-heavy request explores and the
     /// worker's load is mostly decode (1: no preference).
     pub decode_discount: f64,
+    /// Weight of the worker's queued prefill (from its last load report) in its load cost:
+    /// the window alone says how busy it was, the queue how soon it can start this request
+    /// (0: the paper's load cost).
+    pub queue_weight: f64,
     /// Softmax temperature over normalised costs; 0 picks the minimum (ties at random).
     pub temperature: f64,
     /// Bound of the global tree, tokens.
@@ -67,6 +75,7 @@ impl Default for E2Config {
             replicate_ttft_ratio: 2.0,
             replicate_min_samples: 8,
             decode_discount: 0.5,
+            queue_weight: 1.0,
             temperature: 0.0,
             max_tree_tokens: DEFAULT_MAX_TREE_TOKENS,
             prior_output_tokens: 128,
@@ -137,8 +146,16 @@ impl WorkerWindow {
         }
     }
 
-    /// Whether TTFT grew: the second half-window's mean at least `ratio` x the first's.
-    fn ttft_growing(&self, now_ms: u64, window_ms: u64, ratio: f64, min: usize) -> bool {
+    /// Whether TTFT grew: the second half-window's mean at least `ratio` x the first's and at
+    /// least `floor_ms` (so that noise in small TTFTs does not look like a hot prefix).
+    fn ttft_growing(
+        &self,
+        now_ms: u64,
+        window_ms: u64,
+        ratio: f64,
+        min: usize,
+        floor_ms: f64,
+    ) -> bool {
         let middle = now_ms.saturating_sub(window_ms / 2);
         let (mut a, mut na, mut b, mut nb) = (0.0, 0usize, 0.0, 0usize);
         for &(at, ttft) in &self.ttft {
@@ -150,7 +167,11 @@ impl WorkerWindow {
                 nb += 1;
             }
         }
-        na >= min && nb >= min && b / nb as f64 >= ratio * (a / na as f64).max(1e-9)
+        if na < min || nb < min {
+            return false;
+        }
+        let recent = b / nb as f64;
+        recent >= floor_ms && recent >= ratio * (a / na as f64).max(1e-9)
     }
 }
 
@@ -288,17 +309,25 @@ impl Policy for E2 {
         for view in cluster.workers {
             let w = self.mirror.idx(&view.id)?;
             let held = self.mirror.tree.held_tokens(w);
+            let queued = view.load.reported_prefill_tokens.min(u64::from(u32::MAX)) as u32;
+            let queue_ms = if queued == 0 {
+                0.0
+            } else {
+                self.config.profile.prefill_ms(queued, 0)
+            };
             let window_ms = self.config.window_ms;
             let decode_discount = self.config.decode_discount;
+            let queue_weight = self.config.queue_weight;
             let win = self.window(w);
             win.expire(now, window_ms);
             let cached = matched.len_for(w).min(prompt_len.saturating_sub(1));
             let missed = prompt_len - cached;
-            let load = if prefill_heavy && win.decode_ms > win.prefill_ms {
-                win.prefill_ms + decode_discount * win.decode_ms
-            } else {
-                win.load_ms()
-            };
+            let load = queue_weight * queue_ms
+                + if prefill_heavy && win.decode_ms > win.prefill_ms {
+                    win.prefill_ms + decode_discount * win.decode_ms
+                } else {
+                    win.load_ms()
+                };
             let reuse = win.reuse();
             let evict_tokens = if view.kv_capacity_tokens == 0 {
                 0
@@ -344,6 +373,7 @@ impl Policy for E2 {
                 self.config.window_ms,
                 self.config.replicate_ttft_ratio,
                 self.config.replicate_min_samples,
+                full_prefill,
             );
             let others: Vec<Terms> = terms
                 .iter()

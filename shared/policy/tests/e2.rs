@@ -124,8 +124,8 @@ fn an_overloaded_holder_sheds_requests_after_the_warm_up() {
     );
 }
 
-#[test]
-fn a_holder_whose_ttft_doubles_gets_its_prefix_replicated() {
+/// Routes one request after a holder's TTFT went from `before_ms` to `after_ms` over the window.
+fn route_after_ttft_change(before_ms: f64, after_ms: f64) -> (String, preble_policy::Decision) {
     let ws = workers(2);
     let mut e2 = E2::new(E2Config {
         warmup_requests: u64::MAX,
@@ -135,9 +135,8 @@ fn a_holder_whose_ttft_doubles_gets_its_prefix_replicated() {
     let p = prompt(9, 2000, 0, 10);
     let d = route(&mut e2, &ws, "r0", &p, 0);
     cache(&mut e2, &d.worker, &p, 1);
-    // TTFT of 100 ms in the first half of the window, 400 ms in the second.
     for i in 0..20u64 {
-        let ttft_ms = if i < 10 { 100.0 } else { 400.0 };
+        let ttft_ms = if i < 10 { before_ms } else { after_ms };
         e2.observe(&ClusterEvent::Finished {
             worker: &d.worker,
             output_tokens: 20,
@@ -148,8 +147,38 @@ fn a_holder_whose_ttft_doubles_gets_its_prefix_replicated() {
         .unwrap();
     }
     let next = route(&mut e2, &ws, "r1", &prompt(9, 2000, 1, 10), 60_500);
+    (d.worker, next)
+}
+
+#[test]
+fn a_holder_whose_ttft_doubles_gets_its_prefix_replicated() {
+    let (holder, next) = route_after_ttft_change(100.0, 400.0);
     assert_eq!(next.kind, DecisionKind::Replicate, "{next:?}");
-    assert_ne!(next.worker, d.worker);
+    assert_ne!(next.worker, holder);
+}
+
+#[test]
+fn a_ttft_that_doubles_but_stays_below_the_prefill_time_is_not_replicated() {
+    // 2,010 tokens take well over 40 ms to prefill on an A6000: waiting 40 ms for the cached
+    // copy beats recomputing it elsewhere.
+    let (holder, next) = route_after_ttft_change(10.0, 40.0);
+    assert_eq!(next.kind, DecisionKind::Exploit, "{next:?}");
+    assert_eq!(next.worker, holder);
+}
+
+#[test]
+fn a_new_prefix_avoids_a_worker_with_a_long_queue() {
+    let mut ws = workers(3);
+    ws[1].load.reported_prefill_tokens = 40_000;
+    for seed in 0..20 {
+        let mut e2 = E2::new(E2Config {
+            seed,
+            ..E2Config::default()
+        });
+        let d = route(&mut e2, &ws, "q0", &prompt(11, 1000, 0, 10), 0);
+        assert_eq!(d.kind, DecisionKind::Explore);
+        assert_ne!(d.worker, "gpu-1", "seed {seed}: {d:?}");
+    }
 }
 
 #[test]
