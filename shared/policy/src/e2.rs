@@ -2,8 +2,9 @@
 //! prefix when the hit is larger than the miss, otherwise explore for the worker of least
 //! total cost; rebalance away from overloaded holders, replicate hot prefixes, and let
 //! decode-heavy workers take prefill-heavy requests. Replication needs the holder's recent TTFT
-//! to have doubled *and* to exceed the request's own full prefill time (recomputing the prefix
-//! elsewhere must be cheaper than waiting), so noise in small TTFTs does not replicate.
+//! to have doubled *and* to exceed the request's own full prefill time (so noise in small TTFTs
+//! does not replicate), and the replica's total cost must be below the holder's (when every
+//! worker is busy, recomputing the prefix elsewhere only adds work).
 //!
 //! Costs are milliseconds from `preble-costmodel`:
 //! - L (load): estimated prefill plus decode time of the requests routed to the worker in the
@@ -380,22 +381,24 @@ impl Policy for E2 {
                 .filter(|t| t.cached < best_cached)
                 .copied()
                 .collect();
+            let full = terms
+                .iter()
+                .find(|t| t.w == holder.w)
+                .copied()
+                .unwrap_or(holder);
+            // A replica must cost less than waiting at the holder: when every worker is
+            // busy, recomputing the prefix elsewhere only adds work.
+            let replica = (hot && !others.is_empty())
+                .then(|| self.pick(&others, request.request_id, 3))
+                .filter(|r| r.total() < full.total());
             if overloaded {
                 (
                     self.pick(&terms, request.request_id, 2),
                     DecisionKind::Rebalance,
                 )
-            } else if hot && !others.is_empty() {
-                (
-                    self.pick(&others, request.request_id, 3),
-                    DecisionKind::Replicate,
-                )
+            } else if let Some(replica) = replica {
+                (replica, DecisionKind::Replicate)
             } else {
-                let full = terms
-                    .iter()
-                    .find(|t| t.w == holder.w)
-                    .copied()
-                    .unwrap_or(holder);
                 (full, DecisionKind::Exploit)
             }
         } else {

@@ -124,9 +124,14 @@ fn an_overloaded_holder_sheds_requests_after_the_warm_up() {
     );
 }
 
-/// Routes one request after a holder's TTFT went from `before_ms` to `after_ms` over the window.
-fn route_after_ttft_change(before_ms: f64, after_ms: f64) -> (String, preble_policy::Decision) {
-    let ws = workers(2);
+/// Routes one request after a holder's TTFT went from `before_ms` to `after_ms` over the window,
+/// with `queues` prefill tokens queued on the holder and on the other worker.
+fn route_after_ttft_change(
+    before_ms: f64,
+    after_ms: f64,
+    queues: (u64, u64),
+) -> (String, preble_policy::Decision) {
+    let mut ws = workers(2);
     let mut e2 = E2::new(E2Config {
         warmup_requests: u64::MAX,
         window_ms: 60_000,
@@ -135,6 +140,9 @@ fn route_after_ttft_change(before_ms: f64, after_ms: f64) -> (String, preble_pol
     let p = prompt(9, 2000, 0, 10);
     let d = route(&mut e2, &ws, "r0", &p, 0);
     cache(&mut e2, &d.worker, &p, 1);
+    for w in &mut ws {
+        w.load.reported_prefill_tokens = if w.id == d.worker { queues.0 } else { queues.1 };
+    }
     for i in 0..20u64 {
         let ttft_ms = if i < 10 { before_ms } else { after_ms };
         e2.observe(&ClusterEvent::Finished {
@@ -152,16 +160,23 @@ fn route_after_ttft_change(before_ms: f64, after_ms: f64) -> (String, preble_pol
 
 #[test]
 fn a_holder_whose_ttft_doubles_gets_its_prefix_replicated() {
-    let (holder, next) = route_after_ttft_change(100.0, 400.0);
+    let (holder, next) = route_after_ttft_change(100.0, 400.0, (8_000, 0));
     assert_eq!(next.kind, DecisionKind::Replicate, "{next:?}");
     assert_ne!(next.worker, holder);
+}
+
+#[test]
+fn a_hot_prefix_is_not_replicated_onto_a_busier_worker() {
+    let (holder, next) = route_after_ttft_change(100.0, 400.0, (8_000, 30_000));
+    assert_eq!(next.kind, DecisionKind::Exploit, "{next:?}");
+    assert_eq!(next.worker, holder);
 }
 
 #[test]
 fn a_ttft_that_doubles_but_stays_below_the_prefill_time_is_not_replicated() {
     // 2,010 tokens take well over 40 ms to prefill on an A6000: waiting 40 ms for the cached
     // copy beats recomputing it elsewhere.
-    let (holder, next) = route_after_ttft_change(10.0, 40.0);
+    let (holder, next) = route_after_ttft_change(10.0, 40.0, (8_000, 0));
     assert_eq!(next.kind, DecisionKind::Exploit, "{next:?}");
     assert_eq!(next.worker, holder);
 }
