@@ -144,7 +144,7 @@ impl Config {
         if !(args.rebalance_threshold >= 1.0 && args.replicate_ttft_ratio >= 1.0) {
             bail!("--rebalance-threshold and --replicate-ttft-ratio must be at least 1");
         }
-        if !(args.queue_weight >= 0.0) {
+        if args.queue_weight.is_nan() || args.queue_weight < 0.0 {
             bail!("--queue-weight must be >= 0");
         }
         if !(args.temperature >= 0.0 && (0.0..=1.0).contains(&args.cache_threshold)) {
