@@ -20,6 +20,7 @@ run: model
 ## test: every unit, property and end-to-end test (needs NATS and Redis; started if missing)
 test: build
 	./scripts/ensure-services.sh
+	./scripts/ensure-python-venv.sh
 	$(CARGO) test --workspace
 
 bench: build
