@@ -5,7 +5,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use preble_protocol::{Subjects, decode};
+use futures::StreamExt;
+use preble_protocol::{StreamMessage, Subjects, decode, encode};
 use preble_tests::{Options, TestCluster, scrape};
 use serde_json::json;
 
@@ -224,4 +225,81 @@ async fn a_worker_dying_mid_stream_ends_the_stream_with_worker_lost() {
         .unwrap_or_else(|| panic!("no error event: {events:?}"));
     assert!(error.contains("worker_lost"), "{error}");
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+}
+
+#[tokio::test]
+async fn stray_foreign_and_duplicate_stream_messages_do_not_change_what_the_client_gets() {
+    let c = TestCluster::start(Options {
+        workers: 1,
+        time_scale: 1.0,
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let body =
+        json!({"model": c.model, "prompt": "A stream under attack", "max_tokens": 40, "seed": 5});
+    let (status, reference) = post(&c.gateway, "/v1/completions", &body).await;
+    assert_eq!(status, 200, "{reference}");
+    let reference = reference["choices"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Watch every token stream; on the first message of the next request, inject: garbage
+    // bytes, a well-formed message for another request, and a replay of the message itself
+    // (a duplicate seq), all on that request's stream subject.
+    let s = Subjects::new(&c.prefix);
+    let client = async_nats::connect("nats://127.0.0.1:4222").await.unwrap();
+    let mut watch = client.subscribe(s.all_streams()).await.unwrap();
+    client.flush().await.unwrap();
+    let injector = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let first = watch.next().await.expect("a stream message");
+            let message: StreamMessage = decode(&first.payload).unwrap();
+            let subject = first.subject.to_string();
+            client
+                .publish(subject.clone(), "garbage".into())
+                .await
+                .unwrap();
+            let mut foreign = message.clone();
+            foreign.request_id = "someone-else".into();
+            foreign.seq = message.seq + 1;
+            client
+                .publish(subject.clone(), encode(&foreign).into())
+                .await
+                .unwrap();
+            client
+                .publish(subject, encode(&message).into())
+                .await
+                .unwrap();
+            client.flush().await.unwrap();
+        })
+    };
+    let mut streaming = body.clone();
+    streaming["stream"] = json!(true);
+    let (status, events) = stream(&c.gateway, "/v1/completions", &streaming).await;
+    injector.await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    assert_eq!(
+        streamed_text(&events),
+        reference,
+        "every token once, in order, none of the injected ones"
+    );
+    let metrics = format!("{}/metrics", c.gateway);
+    assert!(
+        scrape(&metrics, "preble:malformed_messages_total")
+            .await
+            .unwrap()
+            >= 2.0,
+        "garbage and the foreign message are counted"
+    );
+    assert!(
+        scrape(&metrics, "preble:duplicate_stream_messages_total")
+            .await
+            .unwrap()
+            >= 1.0,
+        "the replay is counted as a duplicate"
+    );
 }

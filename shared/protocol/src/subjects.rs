@@ -64,6 +64,11 @@ impl Subjects {
         format!("{}.stream.{}", self.prefix, sanitize(request_id))
     }
 
+    /// Every request's token stream (a wildcard, for tools that watch the traffic).
+    pub fn all_streams(&self) -> String {
+        format!("{}.stream.*", self.prefix)
+    }
+
     /// Events of one worker: heartbeats, load reports, KV-cache changes, finished requests.
     pub fn events(&self, worker_id: &str) -> String {
         format!("{}.events.{}", self.prefix, sanitize(worker_id))
