@@ -152,6 +152,9 @@ enum Command {
         /// Requests per phase.
         #[arg(long, default_value_t = 2000)]
         requests: usize,
+        /// Only the open-loop phase (real-time GPUs, `concurrency` streams open).
+        #[arg(long)]
+        open_loop_only: bool,
     },
 }
 
@@ -565,7 +568,14 @@ async fn main() -> Result<()> {
             workers,
             concurrency,
             requests,
-        } => preble_loadtest::path_bench::path_bench(workers, concurrency, requests).await?,
+            open_loop_only,
+        } => {
+            use preble_loadtest::path_bench::{open_loop_overhead, path_bench};
+            if !open_loop_only {
+                path_bench(workers, concurrency, requests).await?;
+            }
+            open_loop_overhead(workers, concurrency, requests).await?;
+        }
     }
     Ok(())
 }

@@ -106,3 +106,164 @@ async fn run_phase(
     let h = histogram.lock().await.clone();
     Ok((h, elapsed))
 }
+
+/// The path's overhead while `streams` token streams are in flight, below saturation: a stack
+/// of real-time simulated GPUs, open-loop Poisson arrivals of streaming requests long enough
+/// that `streams` are open at once, and for each request its time to first token at the client
+/// minus the worker's own (queueing and prefill, from the worker's `Finished` event).
+pub async fn open_loop_overhead(workers: usize, streams: usize, requests: usize) -> Result<()> {
+    use preble_protocol::{Subjects, WorkerEventBody, decode};
+    use std::collections::HashMap;
+
+    const OUTPUT_TOKENS: u32 = 128;
+    let cluster = TestCluster::start(Options {
+        workers,
+        time_scale: 1.0,
+        ..Options::default()
+    })
+    .await?;
+    // Learn the stream length under this load first, then pick the rate that keeps `streams`
+    // open (Little's law).
+    let nats = async_nats::connect(preble_tests::NATS_URL).await?;
+    let mut events = nats
+        .subscribe(Subjects::new(&cluster.prefix).all_events())
+        .await?;
+    nats.flush().await?;
+    let worker_ttft = Arc::new(Mutex::new(HashMap::<String, f64>::new()));
+    let collector = {
+        let worker_ttft = worker_ttft.clone();
+        tokio::spawn(async move {
+            while let Some(message) = events.next().await {
+                if let Ok(event) = decode::<preble_protocol::WorkerEvent>(&message.payload)
+                    && let WorkerEventBody::Finished(f) = event.body
+                {
+                    worker_ttft.lock().await.insert(f.request_id, f.ttft_ms);
+                }
+            }
+        })
+    };
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/completions", cluster.gateway);
+    let one = |i: usize| {
+        let (http, url, model) = (http.clone(), url.clone(), cluster.model.clone());
+        async move {
+            let body = json!({"model": model, "prompt": format!("open loop request {i}"),
+                "max_tokens": OUTPUT_TOKENS, "ignore_eos": true, "stream": true});
+            let t0 = Instant::now();
+            let response = http
+                .post(&url)
+                .json(&body)
+                .send()
+                .await
+                .context("request")?;
+            if !response.status().is_success() {
+                bail!("status {}", response.status());
+            }
+            let mut bytes = response.bytes_stream();
+            let first = bytes.next().await.context("empty stream")??;
+            let ttft = t0.elapsed();
+            let text = String::from_utf8_lossy(&first);
+            let id = text
+                .split("\"id\":\"cmpl-")
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+                .context("first chunk has no id")?
+                .to_string();
+            while bytes.next().await.is_some() {}
+            Ok::<_, anyhow::Error>((id, ttft, t0.elapsed()))
+        }
+    };
+    let (_, _, stream_time) = one(0).await?;
+    // Streams slow down as batches grow, so correct the rate once from a short calibration run.
+    let mut rate = streams as f64 / stream_time.as_secs_f64();
+    let calibration = (requests / 4).max(100);
+    let (_, open_seen, _) = arrivals(rate, calibration, 1, &one).await?;
+    let settled = &open_seen[calibration / 2..];
+    let mean_open = settled.iter().sum::<usize>() as f64 / settled.len().max(1) as f64;
+    if mean_open > 0.0 {
+        rate *= streams as f64 / mean_open;
+    }
+    println!(
+        "open loop: one {OUTPUT_TOKENS}-token stream alone takes {:.2} s; {rate:.1} req/s keeps about {streams} open",
+        stream_time.as_secs_f64()
+    );
+    let (tasks, samples_open, peak) = arrivals(rate, requests, calibration + 1, &one).await?;
+    let client_ttft = tasks;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    collector.abort();
+    let worker_ttft = worker_ttft.lock().await;
+    let mut overhead = Histogram::<u64>::new(3)?;
+    let mut ttft = Histogram::<u64>::new(3)?;
+    // The first half of the arrivals ramps the load up: measure the second half.
+    for (id, at, _) in client_ttft.iter().skip(requests / 2) {
+        let engine_ms = *worker_ttft
+            .get(id)
+            .with_context(|| format!("no Finished event for {id}"))?;
+        let client_us = at.as_micros() as f64;
+        ttft.record(client_us as u64)?;
+        overhead.record((client_us - engine_ms * 1e3).max(0.0) as u64)?;
+    }
+    let measured = &samples_open[requests / 2..];
+    let mean_open = measured.iter().sum::<usize>() as f64 / measured.len().max(1) as f64;
+    println!(
+        "open loop at {rate:.1} req/s, {mean_open:.0} streams open on average when a measured request arrived (peak {peak}): client TTFT p50 {:.2} ms p99 {:.2} ms; path overhead (client TTFT - worker TTFT) p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {} requests",
+        ttft.value_at_quantile(0.5) as f64 / 1e3,
+        ttft.value_at_quantile(0.99) as f64 / 1e3,
+        overhead.value_at_quantile(0.5) as f64 / 1e3,
+        overhead.value_at_quantile(0.99) as f64 / 1e3,
+        overhead.max() as f64 / 1e3,
+        overhead.len(),
+    );
+    Ok(())
+}
+
+/// What one open-loop request reports: its request id, time to first token and total time.
+type Probe = (String, Duration, Duration);
+
+/// Sends `n` requests (numbered from `first`) with Poisson arrivals at `rate`; returns their
+/// results in order, how many streams were open as each arrived, and the most open at once.
+async fn arrivals<F, Fut>(
+    rate: f64,
+    n: usize,
+    first: usize,
+    one: &F,
+) -> Result<(Vec<Probe>, Vec<usize>, usize)>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<Probe>> + Send + 'static,
+{
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, Exp};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let open = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let bar = ProgressBar::new(n as u64);
+    bar.set_style(ProgressStyle::with_template(
+        "{msg} [{bar:40}] {pos}/{len} eta {eta}",
+    )?);
+    bar.set_message(format!("open loop {rate:.0}/s"));
+    let gaps = Exp::new(rate)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(first as u64);
+    let mut tasks = Vec::with_capacity(n);
+    let mut open_seen = Vec::with_capacity(n);
+    for i in first..first + n {
+        tokio::time::sleep(Duration::from_secs_f64(gaps.sample(&mut rng))).await;
+        open_seen.push(open.load(Ordering::Relaxed));
+        let (open, peak, bar, request) = (open.clone(), peak.clone(), bar.clone(), one(i));
+        tasks.push(tokio::spawn(async move {
+            let now = open.fetch_add(1, Ordering::Relaxed) + 1;
+            peak.fetch_max(now, Ordering::Relaxed);
+            let result = request.await;
+            open.fetch_sub(1, Ordering::Relaxed);
+            bar.inc(1);
+            result
+        }));
+    }
+    let mut results = Vec::with_capacity(n);
+    for task in tasks {
+        results.push(task.await??);
+    }
+    bar.finish_and_clear();
+    Ok((results, open_seen, peak.load(Ordering::Relaxed)))
+}
