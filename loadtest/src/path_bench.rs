@@ -129,6 +129,37 @@ pub async fn open_loop_overhead(workers: usize, streams: usize, requests: usize)
         .subscribe(Subjects::new(&cluster.prefix).all_events())
         .await?;
     nats.flush().await?;
+    let subjects = Subjects::new(&cluster.prefix);
+    let mut published = nats.subscribe(subjects.requests()).await?;
+    let mut dispatched = nats.subscribe(subjects.all_workers()).await?;
+    nats.flush().await?;
+    // When each request was seen on the requests subject and on a worker's dispatch subject.
+    let seen = Arc::new(Mutex::new(HashMap::<
+        String,
+        (Option<Instant>, Option<Instant>),
+    >::new()));
+    let snoop_published = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            while let Some(message) = published.next().await {
+                if let Ok(r) = decode::<preble_protocol::GenerateRequest>(&message.payload) {
+                    seen.lock().await.entry(r.request_id).or_default().0 = Some(Instant::now());
+                }
+            }
+        })
+    };
+    let snoop_dispatched = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            while let Some(message) = dispatched.next().await {
+                if let Ok(d) = decode::<preble_protocol::Dispatch>(&message.payload) {
+                    let mut seen = seen.lock().await;
+                    let entry = seen.entry(d.request.request_id).or_default();
+                    entry.1.get_or_insert(Instant::now());
+                }
+            }
+        })
+    };
     let worker_ttft = Arc::new(Mutex::new(HashMap::<String, f64>::new()));
     let collector = {
         let worker_ttft = worker_ttft.clone();
@@ -149,7 +180,7 @@ pub async fn open_loop_overhead(workers: usize, streams: usize, requests: usize)
         async move {
             let body = json!({"model": model, "prompt": format!("open loop request {i}"),
                 "max_tokens": OUTPUT_TOKENS, "ignore_eos": true, "stream": true});
-            let t0 = Instant::now();
+            let sent = Instant::now();
             let response = http
                 .post(&url)
                 .json(&body)
@@ -161,7 +192,7 @@ pub async fn open_loop_overhead(workers: usize, streams: usize, requests: usize)
             }
             let mut bytes = response.bytes_stream();
             let first = bytes.next().await.context("empty stream")??;
-            let ttft = t0.elapsed();
+            let first_at = Instant::now();
             let text = String::from_utf8_lossy(&first);
             let id = text
                 .split("\"id\":\"cmpl-")
@@ -170,10 +201,16 @@ pub async fn open_loop_overhead(workers: usize, streams: usize, requests: usize)
                 .context("first chunk has no id")?
                 .to_string();
             while bytes.next().await.is_some() {}
-            Ok::<_, anyhow::Error>((id, ttft, t0.elapsed()))
+            Ok::<_, anyhow::Error>(Probe {
+                id,
+                sent,
+                first_at,
+                done_at: Instant::now(),
+            })
         }
     };
-    let (_, _, stream_time) = one(0).await?;
+    let alone = one(0).await?;
+    let stream_time = alone.done_at - alone.sent;
     // Streams slow down as batches grow, so correct the rate once from a short calibration run.
     let mut rate = streams as f64 / stream_time.as_secs_f64();
     let calibration = (requests / 4).max(100);
@@ -190,18 +227,37 @@ pub async fn open_loop_overhead(workers: usize, streams: usize, requests: usize)
     let (tasks, samples_open, peak) = arrivals(rate, requests, calibration + 1, &one).await?;
     let client_ttft = tasks;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    collector.abort();
+    for task in [collector, snoop_published, snoop_dispatched] {
+        task.abort();
+    }
     let worker_ttft = worker_ttft.lock().await;
+    let seen = seen.lock().await;
     let mut overhead = Histogram::<u64>::new(3)?;
     let mut ttft = Histogram::<u64>::new(3)?;
+    let (mut inbound, mut routing, mut outbound) = (
+        Histogram::<u64>::new(3)?,
+        Histogram::<u64>::new(3)?,
+        Histogram::<u64>::new(3)?,
+    );
+    let us = |d: Duration| d.as_micros() as u64;
     // The first half of the arrivals ramps the load up: measure the second half.
-    for (id, at, _) in client_ttft.iter().skip(requests / 2) {
-        let engine_ms = *worker_ttft
-            .get(id)
-            .with_context(|| format!("no Finished event for {id}"))?;
-        let client_us = at.as_micros() as f64;
-        ttft.record(client_us as u64)?;
-        overhead.record((client_us - engine_ms * 1e3).max(0.0) as u64)?;
+    for probe in client_ttft.iter().skip(requests / 2) {
+        let engine = Duration::from_secs_f64(
+            worker_ttft
+                .get(&probe.id)
+                .with_context(|| format!("no Finished event for {}", probe.id))?
+                / 1e3,
+        );
+        let client = probe.first_at - probe.sent;
+        ttft.record(us(client))?;
+        overhead.record(us(client.saturating_sub(engine)))?;
+        if let Some((Some(published), Some(dispatched))) = seen.get(&probe.id) {
+            inbound.record(us(published.saturating_duration_since(probe.sent)))?;
+            routing.record(us(dispatched.saturating_duration_since(*published)))?;
+            outbound.record(us(probe
+                .first_at
+                .saturating_duration_since(*dispatched + engine)))?;
+        }
     }
     let measured = &samples_open[requests / 2..];
     let mean_open = measured.iter().sum::<usize>() as f64 / measured.len().max(1) as f64;
@@ -214,11 +270,38 @@ pub async fn open_loop_overhead(workers: usize, streams: usize, requests: usize)
         overhead.max() as f64 / 1e3,
         overhead.len(),
     );
+    let line = |name: &str, h: &Histogram<u64>| {
+        println!(
+            "  {name}: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            h.value_at_quantile(0.5) as f64 / 1e3,
+            h.value_at_quantile(0.99) as f64 / 1e3,
+            h.max() as f64 / 1e3
+        )
+    };
+    println!("  where it goes (seen by snooping the requests and dispatch subjects):");
+    line("client -> gateway -> requests subject", &inbound);
+    line(
+        "requests subject -> JetStream -> scheduler -> dispatch",
+        &routing,
+    );
+    line(
+        "worker's first token -> NATS -> gateway -> client",
+        &outbound,
+    );
     Ok(())
 }
 
-/// What one open-loop request reports: its request id, time to first token and total time.
-type Probe = (String, Duration, Duration);
+/// One open-loop request as the client saw it.
+struct Probe {
+    /// Its request id (from the response's `id`).
+    id: String,
+    /// When it was sent.
+    sent: Instant,
+    /// When its first chunk arrived.
+    first_at: Instant,
+    /// When its stream ended.
+    done_at: Instant,
+}
 
 /// Sends `n` requests (numbered from `first`) with Poisson arrivals at `rate`; returns their
 /// results in order, how many streams were open as each arrived, and the most open at once.

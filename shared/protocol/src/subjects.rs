@@ -53,6 +53,11 @@ impl Subjects {
         format!("{}.worker.{}", self.prefix, sanitize(worker_id))
     }
 
+    /// Every worker's dispatch subject (a wildcard, for tools that watch the traffic).
+    pub fn all_workers(&self) -> String {
+        format!("{}.worker.*", self.prefix)
+    }
+
     /// Where cancellations are broadcast; every worker listens and drops the named request.
     pub fn cancel(&self) -> String {
         format!("{}.cancel", self.prefix)
