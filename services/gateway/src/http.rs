@@ -17,7 +17,7 @@ use axum::{
 use futures::{Stream, StreamExt, stream};
 use preble_protocol::{ErrorCode, Usage};
 use serde_json::json;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::error::ApiError;
@@ -72,6 +72,13 @@ pub async fn run(
         models = ?state.models.iter().map(|m| m.name.clone()).collect::<Vec<_>>(),
         "gateway ready"
     );
+    // Token streams are many small writes: without TCP_NODELAY a chunk can wait for the
+    // client's delayed ACK of the previous one.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            warn!(error = %e, "could not set TCP_NODELAY on a client connection");
+        }
+    });
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await?;

@@ -18,6 +18,10 @@ pub struct ModelInfo {
     pub eos_token_ids: Vec<u32>,
     /// Ids of special (added) tokens, which the sim engine never generates.
     pub special_token_ids: Vec<u32>,
+    /// Ids of byte-level tokens whose bytes are not text on their own (a piece of a multi-byte
+    /// character): the sim engine does not generate them either, so that every token it emits
+    /// can be streamed as soon as it is made, as a real model's almost always can.
+    pub partial_token_ids: Vec<u32>,
 }
 
 impl ModelInfo {
@@ -51,6 +55,7 @@ impl ModelInfo {
                     .collect()
             })
             .unwrap_or_default();
+        let partial_token_ids = partial_byte_level_tokens(&tokenizer);
         let name = dir
             .canonicalize()
             .unwrap_or_else(|_| dir.to_path_buf())
@@ -66,8 +71,47 @@ impl ModelInfo {
             context_len,
             eos_token_ids,
             special_token_ids,
+            partial_token_ids,
         })
     }
+}
+
+/// Ids in a byte-level BPE vocabulary whose bytes are not valid UTF-8 by themselves (empty
+/// for other tokenizers).
+fn partial_byte_level_tokens(tokenizer: &Value) -> Vec<u32> {
+    if tokenizer.pointer("/decoder/type").and_then(Value::as_str) != Some("ByteLevel") {
+        return Vec::new();
+    }
+    let Some(vocab) = tokenizer.pointer("/model/vocab").and_then(Value::as_object) else {
+        return Vec::new();
+    };
+    let byte_of = unicode_to_byte();
+    vocab
+        .iter()
+        .filter_map(|(piece, id)| {
+            let bytes: Option<Vec<u8>> = piece.chars().map(|c| byte_of.get(&c).copied()).collect();
+            let partial = bytes.is_some_and(|b| std::str::from_utf8(&b).is_err());
+            partial.then(|| id.as_u64()).flatten().map(|id| id as u32)
+        })
+        .collect()
+}
+
+/// The inverse of GPT-2's byte-level alphabet: printable bytes stand for themselves, the
+/// others for the characters from U+0100 on, in byte order.
+fn unicode_to_byte() -> std::collections::HashMap<char, u8> {
+    let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
+    let mut next = 256u32;
+    (0..=255u8)
+        .map(|b| {
+            let c = if printable(b) {
+                char::from(b)
+            } else {
+                next += 1;
+                char::from_u32(next - 1).unwrap_or(char::REPLACEMENT_CHARACTER)
+            };
+            (c, b)
+        })
+        .collect()
 }
 
 fn read_json(path: &Path) -> Result<Value> {
@@ -82,4 +126,24 @@ fn field_u32(value: &Value, name: &str) -> Result<u32> {
         .and_then(Value::as_u64)
         .and_then(|n| u32::try_from(n).ok())
         .with_context(|| format!("config.json has no valid `{name}`"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_level_pieces_of_characters_are_found() {
+        // 0xC3 alone starts a two-byte character; 0xC3 0xA9 is "é"; "Ġ" is a space.
+        let tokenizer = serde_json::json!({
+            "decoder": {"type": "ByteLevel"},
+            "model": {"type": "BPE", "vocab": {"a": 0, "Ã": 1, "Ã©": 2, "Ġ": 3, "©": 4}},
+        });
+        let mut partial = partial_byte_level_tokens(&tokenizer);
+        partial.sort_unstable();
+        assert_eq!(partial, vec![1, 4]);
+        let other =
+            serde_json::json!({"decoder": {"type": "Metaspace"}, "model": {"vocab": {"Ã": 1}}});
+        assert!(partial_byte_level_tokens(&other).is_empty());
+    }
 }

@@ -56,11 +56,18 @@ pub async fn run(
     ));
     let (commands_tx, commands_rx) = mpsc::unbounded_channel();
     let (load_tx, load_rx) = watch::channel(LoadReport::default());
+    let never_generated: Vec<u32> = config
+        .model
+        .special_token_ids
+        .iter()
+        .chain(&config.model.partial_token_ids)
+        .copied()
+        .collect();
     let engine = SimEngine::new(
         config.profile.clone(),
         config.time_scale,
         config.model.vocab_size,
-        &config.model.special_token_ids,
+        &never_generated,
     );
     let engine_loop = EngineLoop::new(
         client.clone(),

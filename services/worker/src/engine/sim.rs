@@ -19,8 +19,10 @@ pub struct SimEngine {
 
 impl SimEngine {
     /// A sim engine imitating `profile`, with every iteration's time multiplied by
-    /// `time_scale`, generating tokens from `0..vocab_size` except `excluded` (special tokens).
+    /// `time_scale`, generating tokens from `0..vocab_size` except `excluded` (special tokens,
+    /// pieces of characters).
     pub fn new(profile: Profile, time_scale: f64, vocab_size: u32, excluded: &[u32]) -> Self {
+        let excluded: std::collections::HashSet<u32> = excluded.iter().copied().collect();
         let mut vocab: Vec<u32> = (0..vocab_size).filter(|t| !excluded.contains(t)).collect();
         if vocab.is_empty() {
             vocab.push(0);
