@@ -122,14 +122,11 @@ pub async fn open_loop_overhead(workers: usize, streams: usize, requests: usize)
         ..Options::default()
     })
     .await?;
-    // Learn the stream length under this load first, then pick the rate that keeps `streams`
-    // open (Little's law).
+    // Watch the requests, dispatch and event subjects: when each request passed by, and each
+    // worker's own TTFT.
     let nats = async_nats::connect(preble_tests::NATS_URL).await?;
-    let mut events = nats
-        .subscribe(Subjects::new(&cluster.prefix).all_events())
-        .await?;
-    nats.flush().await?;
     let subjects = Subjects::new(&cluster.prefix);
+    let mut events = nats.subscribe(subjects.all_events()).await?;
     let mut published = nats.subscribe(subjects.requests()).await?;
     let mut dispatched = nats.subscribe(subjects.all_workers()).await?;
     nats.flush().await?;
