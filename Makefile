@@ -4,7 +4,7 @@ CARGO ?= cargo
 MODEL_DIR ?= models/preble-sim
 WORKERS ?= 4
 
-.PHONY: run test bench lint fmt model build services loadtest
+.PHONY: run test bench lint fmt model build services loadtest up
 
 build:
 	$(CARGO) build --workspace --bins
@@ -20,7 +20,7 @@ run: model
 ## test: every unit, property and end-to-end test (needs NATS and Redis; started if missing)
 test: build
 	./scripts/ensure-services.sh
-	./scripts/ensure-python-venv.sh
+	./scripts/ensure-test-tools.sh
 	$(CARGO) test --workspace
 
 bench: build
@@ -33,6 +33,10 @@ loadtest:
 	$(CARGO) build --release -p preble-loadtest
 	./target/release/preble-loadtest compare --workloads toolbench --requests 6000 \
 		--rates 10,20,30,40 --out loadtest-report
+
+## up: the whole stack in containers (NATS, Redis, Jaeger, Prometheus, gateway, scheduler, 4 sim workers)
+up:
+	docker compose up --build
 
 lint:
 	$(CARGO) fmt --all -- --check
