@@ -227,6 +227,16 @@ struct ArrivalArgs {
     arrival_seed: u64,
 }
 
+/// A workload's name, its requests in arrival order with their times set, and the offered rate.
+fn timed_workload(
+    workload: &WorkloadArgs,
+    arrivals: &ArrivalArgs,
+) -> Result<(String, Workload, f64)> {
+    let (name, mut requests, timed) = workload.load()?;
+    let rate = arrivals.apply(&mut requests, timed)?;
+    Ok((name, Workload::new(requests), rate))
+}
+
 impl ArrivalArgs {
     /// Sets arrival times; returns the offered rate (0 when the times come from a trace).
     fn apply(&self, requests: &mut [Request], timed: bool) -> Result<f64> {
@@ -380,9 +390,7 @@ async fn main() -> Result<()> {
             arrivals,
             out,
         } => {
-            let (name, mut requests, timed) = workload.load()?;
-            arrivals.apply(&mut requests, timed)?;
-            let w = Workload::new(requests);
+            let (name, w, _) = timed_workload(&workload, &arrivals)?;
             w.save(&out)?;
             print_stats(&name, &w.requests);
             println!("wrote {}", out.display());
@@ -399,9 +407,8 @@ async fn main() -> Result<()> {
             judging,
             out,
         } => {
-            let (name, mut requests, timed) = workload.load()?;
-            let rate = arrivals.apply(&mut requests, timed)?;
-            let requests = Workload::new(requests).requests;
+            let (name, workload, rate) = timed_workload(&workload, &arrivals)?;
+            let requests = workload.requests;
             let config = cluster.config(policy);
             let progress = bar(
                 requests.len() as u64,
@@ -507,9 +514,8 @@ async fn main() -> Result<()> {
             judging,
             out,
         } => {
-            let (name, mut requests, timed) = workload.load()?;
-            let rate = arrivals.apply(&mut requests, timed)?;
-            let requests = Workload::new(requests).requests;
+            let (name, workload, rate) = timed_workload(&workload, &arrivals)?;
+            let requests = workload.requests;
             let transport = match nats {
                 Some(url) => Transport::Nats {
                     url,
@@ -559,9 +565,8 @@ async fn main() -> Result<()> {
             policy,
             out,
         } => {
-            let (name, mut requests, timed) = workload.load()?;
-            let rate = arrivals.apply(&mut requests, timed)?;
-            let requests = Workload::new(requests).requests;
+            let (name, workload, rate) = timed_workload(&workload, &arrivals)?;
+            let requests = workload.requests;
             crosscheck(&name, rate, &requests, workers, policy, out).await?;
         }
         Command::PathBench {

@@ -213,7 +213,7 @@ pub async fn open_loop_overhead(workers: usize, streams: usize, requests: usize)
     let calibration = (requests / 4).max(100);
     let (_, open_seen, _) = arrivals(rate, calibration, 1, &one).await?;
     let settled = &open_seen[calibration / 2..];
-    let mean_open = settled.iter().sum::<usize>() as f64 / settled.len().max(1) as f64;
+    let mean_open = mean(settled);
     if mean_open > 0.0 {
         rate *= streams as f64 / mean_open;
     }
@@ -221,8 +221,7 @@ pub async fn open_loop_overhead(workers: usize, streams: usize, requests: usize)
         "open loop: one {OUTPUT_TOKENS}-token stream alone takes {:.2} s; {rate:.1} req/s keeps about {streams} open",
         stream_time.as_secs_f64()
     );
-    let (tasks, samples_open, peak) = arrivals(rate, requests, calibration + 1, &one).await?;
-    let client_ttft = tasks;
+    let (probes, samples_open, peak) = arrivals(rate, requests, calibration + 1, &one).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     for task in [collector, snoop_published, snoop_dispatched] {
         task.abort();
@@ -238,7 +237,7 @@ pub async fn open_loop_overhead(workers: usize, streams: usize, requests: usize)
     );
     let us = |d: Duration| d.as_micros() as u64;
     // The first half of the arrivals ramps the load up: measure the second half.
-    for probe in client_ttft.iter().skip(requests / 2) {
+    for probe in probes.iter().skip(requests / 2) {
         let engine = Duration::from_secs_f64(
             worker_ttft
                 .get(&probe.id)
@@ -257,7 +256,7 @@ pub async fn open_loop_overhead(workers: usize, streams: usize, requests: usize)
         }
     }
     let measured = &samples_open[requests / 2..];
-    let mean_open = measured.iter().sum::<usize>() as f64 / measured.len().max(1) as f64;
+    let mean_open = mean(measured);
     println!(
         "open loop at {rate:.1} req/s, {mean_open:.0} streams open on average when a measured request arrived (peak {peak}): client TTFT p50 {:.2} ms p99 {:.2} ms; path overhead (client TTFT - worker TTFT) p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {} requests",
         ttft.value_at_quantile(0.5) as f64 / 1e3,
@@ -346,4 +345,9 @@ where
     }
     bar.finish_and_clear();
     Ok((results, open_seen, peak.load(Ordering::Relaxed)))
+}
+
+/// The mean of counts (0 for none).
+fn mean(counts: &[usize]) -> f64 {
+    counts.iter().sum::<usize>() as f64 / counts.len().max(1) as f64
 }

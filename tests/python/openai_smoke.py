@@ -30,7 +30,7 @@ def main() -> None:
     seen["cached_tokens_on_repeat"] = again.usage.prompt_tokens_details.cached_tokens
     seen["prompt_tokens"] = again.usage.prompt_tokens
 
-    chat = client.chat.completions.create(
+    chat_args = dict(
         model=model,
         messages=[
             {"role": "system", "content": "Be brief."},
@@ -39,19 +39,14 @@ def main() -> None:
         max_tokens=6,
         seed=1,
     )
+    chat = client.chat.completions.create(**chat_args)
     assert chat.choices[0].message.role == "assistant"
     assert chat.usage.completion_tokens == 6, chat.usage
     seen["chat_text"] = chat.choices[0].message.content
 
     pieces, usage, finish = [], None, None
     for chunk in client.chat.completions.create(
-        model=model,
-        messages=[
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "Say hello."},
-        ],
-        max_tokens=6,
-        seed=1,
+        **chat_args,
         stream=True,
         stream_options={"include_usage": True},
     ):
