@@ -4,7 +4,16 @@ CARGO ?= cargo
 MODEL_DIR ?= models/preble-sim
 WORKERS ?= 4
 
-.PHONY: run test bench lint fmt model build services loadtest up
+.PHONY: run test bench lint fmt model build services loadtest up torch-env tiny-model \
+	bench-model test-torch build-torch
+
+# The torch engine builds against the libtorch of a PyTorch 2.13.0 virtualenv kept outside
+# the clone (made by scripts/ensure-torch-venv.sh on first use).
+TORCH_VENV ?= $(HOME)/.cache/preble/torch-venv
+TORCH_PY := $(TORCH_VENV)/bin/python
+TORCH_ENV := PATH="$(TORCH_VENV)/bin:$$PATH" LIBTORCH_USE_PYTORCH=1 PREBLE_TORCH_VENV="$(TORCH_VENV)"
+TINY_MODEL_DIR ?= models/tiny-llama
+BENCH_MODEL_DIR ?= models/bench-100m
 
 build:
 	$(CARGO) build --workspace --bins
@@ -22,6 +31,32 @@ test: build
 	./scripts/ensure-services.sh
 	./scripts/ensure-test-tools.sh
 	$(CARGO) test --workspace
+
+## torch-env: the PyTorch 2.13.0 + transformers virtualenv the torch engine needs (once)
+torch-env:
+	PREBLE_TORCH_VENV="$(TORCH_VENV)" ./scripts/ensure-torch-venv.sh
+
+## build-torch: every binary, the worker with the torch engine
+build-torch: torch-env
+	$(TORCH_ENV) $(CARGO) build --workspace --bins --features preble-worker/torch
+
+## tiny-model: a 2-layer Llama with the project's own tokenizer and seeded random weights
+tiny-model: torch-env
+	@test -f $(TINY_MODEL_DIR)/model.safetensors || { \
+		$(CARGO) run --quiet -p preble-modelgen -- --out $(TINY_MODEL_DIR) --vocab-size 512 --context-len 4096 && \
+		$(TORCH_PY) scripts/make_tiny_model.py $(TINY_MODEL_DIR) --preset tiny; }
+
+## bench-model: the ~100M-parameter Llama the torch benchmarks use
+bench-model: torch-env
+	@test -f $(BENCH_MODEL_DIR)/model.safetensors || { \
+		$(CARGO) run --quiet -p preble-modelgen -- --out $(BENCH_MODEL_DIR) --vocab-size 2048 --context-len 4096 && \
+		$(TORCH_PY) scripts/make_tiny_model.py $(BENCH_MODEL_DIR) --preset bench-100m; }
+
+## test-torch: the torch engine's tests (parity with transformers, prefix reuse, end to end)
+test-torch: build-torch tiny-model
+	./scripts/ensure-services.sh
+	$(TORCH_ENV) PREBLE_TINY_MODEL_DIR="$(abspath $(TINY_MODEL_DIR))" \
+		$(CARGO) test -p preble-worker -p preble-tests --features preble-worker/torch,preble-tests/torch
 
 bench: build
 	./scripts/ensure-services.sh

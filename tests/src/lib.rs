@@ -55,6 +55,8 @@ pub struct Options {
     pub scheduler_args: Vec<String>,
     /// Extra flags for every worker.
     pub worker_args: Vec<String>,
+    /// Model directory to serve; default: a fresh sim model directory.
+    pub model_dir: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -66,6 +68,7 @@ impl Default for Options {
             gateway_env: Vec::new(),
             scheduler_args: Vec::new(),
             worker_args: Vec::new(),
+            model_dir: None,
         }
     }
 }
@@ -111,8 +114,20 @@ impl TestCluster {
     /// Starts a cluster and waits until the gateway answers and every worker is registered.
     pub async fn start(options: Options) -> Result<TestCluster> {
         let dir = tempfile::tempdir()?;
-        let model_dir = dir.path().join("preble-sim");
-        preble_modelgen::write_sim_model(&model_dir, &preble_modelgen::SimModelOptions::default())?;
+        let model_dir = match &options.model_dir {
+            Some(dir) => dir.clone(),
+            None => {
+                let model_dir = dir.path().join("preble-sim");
+                preble_modelgen::write_sim_model(
+                    &model_dir,
+                    &preble_modelgen::SimModelOptions::default(),
+                )?;
+                model_dir
+            }
+        };
+        let model = model_dir
+            .file_name()
+            .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
         let prefix = format!("t{}.preble.v1", uuid::Uuid::new_v4().simple());
         let log = |name: &str| -> Result<Stdio> {
             Ok(Stdio::from(std::fs::File::create(
@@ -194,7 +209,7 @@ impl TestCluster {
             gateway: format!("http://127.0.0.1:{gateway_port}"),
             scheduler_metrics: format!("http://127.0.0.1:{scheduler_port}/metrics"),
             workers,
-            model: "preble-sim".into(),
+            model,
             children,
             scheduler,
             scheduler_args,

@@ -109,6 +109,7 @@ async fn generate(
         max_tokens: request.max_tokens,
         temperature: request.temperature,
         top_p: request.top_p,
+        top_k: request.top_k.map(i64::from),
         seed: request.seed,
         stop: Some(crate::openai::Stop::Many(request.stop.clone())),
         user: request.user.clone(),

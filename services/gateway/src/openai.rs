@@ -47,6 +47,8 @@ pub struct CommonParams {
     pub temperature: Option<f32>,
     /// Nucleus mass, (0, 1].
     pub top_p: Option<f32>,
+    /// Sample among the k most likely tokens only (vLLM extension; -1 or absent: no limit).
+    pub top_k: Option<i64>,
     /// Sampling seed.
     pub seed: Option<u64>,
     /// Stop strings (at most 4).
@@ -219,6 +221,16 @@ impl CommonParams {
         if !(top_p > 0.0 && top_p <= 1.0) {
             return Err(ApiError::invalid("top_p", "top_p must be in (0, 1]"));
         }
+        let top_k = match self.top_k {
+            None | Some(-1) => None,
+            Some(k) if k >= 1 => Some(u32::try_from(k).unwrap_or(u32::MAX)),
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "top_k",
+                    "top_k must be -1 (no limit) or at least 1",
+                ));
+            }
+        };
         let stop = match &self.stop {
             None => Vec::new(),
             Some(Stop::One(s)) => vec![s.clone()],
@@ -244,6 +256,7 @@ impl CommonParams {
                 max_tokens,
                 temperature,
                 top_p,
+                top_k,
                 seed: self.seed,
                 stop_token_ids: self.stop_token_ids.clone().unwrap_or_default(),
                 ignore_eos: self.ignore_eos,
@@ -440,6 +453,12 @@ mod tests {
             p(r#"{"top_p":0}"#).unwrap_err().param.as_deref(),
             Some("top_p")
         );
+        assert_eq!(
+            p(r#"{"top_k":0}"#).unwrap_err().param.as_deref(),
+            Some("top_k")
+        );
+        assert_eq!(p(r#"{"top_k":-1}"#).unwrap().sampling.top_k, None);
+        assert_eq!(p(r#"{"top_k":40}"#).unwrap().sampling.top_k, Some(40));
         assert_eq!(
             p(r#"{"max_tokens":0}"#).unwrap_err().param.as_deref(),
             Some("max_tokens")

@@ -29,9 +29,20 @@ pub struct Args {
     /// Name the model is served under; default: the directory's name.
     #[arg(long, env = "PREBLE_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
-    /// Engine: `sim` (cost-model timing, deterministic tokens).
+    /// Engine: `sim` (cost-model timing, deterministic tokens) or `torch` (the model itself on
+    /// libtorch; needs a build with the cargo feature `torch`).
     #[arg(long, env = "PREBLE_ENGINE", default_value = "sim")]
     pub engine: String,
+    /// Torch engine: `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, env = "PREBLE_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Torch engine: `f32`, `bf16` or `f16`; default f32 on CPU, bf16 on CUDA.
+    #[arg(long, env = "PREBLE_DTYPE")]
+    pub dtype: Option<String>,
+    /// Torch engine: fraction of free memory (after the weights) for the KV pool, unless
+    /// `--kv-capacity-tokens` is given; default 0.25 on CPU, 0.85 on CUDA.
+    #[arg(long, env = "PREBLE_KV_MEMORY_FRACTION")]
+    pub kv_memory_fraction: Option<f64>,
     /// Cost profile (GPU x model) the sim engine imitates and the scheduler estimates with.
     #[arg(long, env = "PREBLE_PROFILE", default_value = "a6000-mistral-7b")]
     pub profile: String,
@@ -69,6 +80,32 @@ pub struct Args {
     pub log_format: LogFormat,
 }
 
+/// Which engine computes iterations.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EngineChoice {
+    /// Cost-model timing, deterministic tokens.
+    Sim,
+    /// The model on libtorch.
+    Torch {
+        /// `cpu`, `cuda` or `cuda:N`.
+        device: String,
+        /// Element type, if given.
+        dtype: Option<String>,
+        /// Fraction of free memory for the KV pool, if given.
+        kv_memory_fraction: Option<f64>,
+    },
+}
+
+impl EngineChoice {
+    /// The engine's name (as in `--engine` and heartbeats).
+    pub fn name(&self) -> &'static str {
+        match self {
+            EngineChoice::Sim => "sim",
+            EngineChoice::Torch { .. } => "torch",
+        }
+    }
+}
+
 /// The validated configuration a worker runs with.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -80,12 +117,16 @@ pub struct Config {
     pub worker_id: String,
     /// The model.
     pub model: ModelInfo,
+    /// The engine and its settings.
+    pub engine: EngineChoice,
     /// The cost profile.
     pub profile: Profile,
     /// Simulated-time multiplier.
     pub time_scale: f64,
-    /// KV capacity, tokens.
+    /// KV capacity, tokens (for the torch engine: what its pool got, once loaded).
     pub kv_capacity_tokens: u64,
+    /// Whether `kv_capacity_tokens` was given explicitly.
+    pub kv_capacity_given: bool,
     /// Chunked-prefill budget per iteration.
     pub chunk_tokens: u32,
     /// Running-batch cap.
@@ -105,11 +146,22 @@ pub struct Config {
 impl Config {
     /// Validates flags into a configuration; an unknown value is an error, never a fallback.
     pub fn from_args(args: Args) -> Result<Config> {
-        if args.engine != "sim" {
-            bail!(
-                "unknown engine {:?}: this build has `sim` (the `torch` engine needs the cargo feature `torch`)",
-                args.engine
-            );
+        let engine = match args.engine.as_str() {
+            "sim" => EngineChoice::Sim,
+            "torch" if cfg!(feature = "torch") => EngineChoice::Torch {
+                device: args.device.clone(),
+                dtype: args.dtype.clone(),
+                kv_memory_fraction: args.kv_memory_fraction,
+            },
+            "torch" => bail!(
+                "this worker was built without the torch engine: rebuild with `--features torch` (see the README)"
+            ),
+            other => bail!("unknown engine {other:?}: use sim or torch"),
+        };
+        if let Some(f) = args.kv_memory_fraction
+            && !(f > 0.0 && f <= 1.0)
+        {
+            bail!("--kv-memory-fraction must be within (0, 1], not {f}");
         }
         let profile = Profile::by_name(&args.profile)?;
         if !(args.time_scale.is_finite() && args.time_scale >= 0.0) {
@@ -148,9 +200,11 @@ impl Config {
                 .worker_id
                 .unwrap_or_else(|| format!("worker-{}", std::process::id())),
             model,
+            engine,
             profile,
             time_scale: args.time_scale,
             kv_capacity_tokens,
+            kv_capacity_given: args.kv_capacity_tokens.is_some(),
             chunk_tokens: args.chunk_tokens,
             max_running: args.max_running,
             priority_groups: args.priority_groups,

@@ -30,6 +30,8 @@ pub struct Active {
     pub sampling: SamplingParams,
     /// Hash of its prompt (the sim engine's tokens depend on it).
     pub prompt_hash: u64,
+    /// Sampling seed: the request's own, else one drawn at acceptance.
+    pub seed: u64,
     /// Next stream sequence number.
     pub next_stream_seq: u64,
     /// When the worker accepted it.
@@ -118,6 +120,28 @@ impl EngineLoop {
             eos,
             draining_until: None,
         }
+    }
+
+    /// Runs the loop on a thread of its own, so model compute never blocks the service's
+    /// runtime; the receiver resolves when the loop has ended.
+    pub fn spawn(
+        self,
+        commands: mpsc::UnboundedReceiver<Command>,
+    ) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("engine".to_string())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime.block_on(self.run(commands)),
+                    Err(e) => warn!(error = %e, "cannot start the engine thread's runtime"),
+                }
+                let _ = done_tx.send(());
+            })?;
+        Ok(done_rx)
     }
 
     /// Runs until drained (or every command sender is gone).
@@ -216,7 +240,8 @@ impl EngineLoop {
                     tokens: seq.tokens(),
                     slots: &seq.slots()[..(item.start + item.extend) as usize],
                     prompt_hash: seq.payload.prompt_hash,
-                    seed: seq.payload.sampling.seed.unwrap_or(0),
+                    sampling: &seq.payload.sampling,
+                    seed: seq.payload.seed,
                     output_index: seq.generated().len() as u32,
                     work: SeqWork {
                         extend: item.extend,
@@ -226,10 +251,22 @@ impl EngineLoop {
                 }
             })
             .collect();
-        let output = self.engine.step(&steps);
+        let result = self.engine.step(&steps);
         drop(steps);
+        let output = match result {
+            Ok(output) => output,
+            Err(e) => {
+                warn!(error = %e, requests = plan.items.len(), "engine step failed; failing its batch");
+                self.metrics.engine_errors.inc();
+                self.fail_batch(&plan, e.to_string()).await;
+                return;
+            }
+        };
         tokio::time::sleep(output.busy_for).await;
         self.metrics.iterations.inc();
+        self.metrics
+            .computed_tokens
+            .inc_by(plan.items.iter().map(|i| u64::from(i.extend)).sum());
         self.metrics
             .iteration_seconds
             .observe(began.elapsed().as_secs_f64());
@@ -276,6 +313,21 @@ impl EngineLoop {
         for (index, ending) in endings {
             let seq = self.sched.finish(index);
             self.end(seq, ending).await;
+        }
+        self.publish_cache_events();
+        self.report_load();
+    }
+
+    /// Ends every request of a plan whose step failed. Nothing of the failed step is
+    /// committed, so the cache keeps only KV computed by earlier, successful steps.
+    async fn fail_batch(&mut self, plan: &preble_localsched::Plan, message: String) {
+        let mut indices: Vec<usize> = plan.items.iter().map(|i| i.index).collect();
+        indices.sort_unstable_by(|a, b| b.cmp(a));
+        indices.dedup();
+        for index in indices {
+            let seq = self.sched.finish(index);
+            self.end(seq, Ending::Failed(ErrorCode::Internal, message.clone()))
+                .await;
         }
         self.publish_cache_events();
         self.report_load();

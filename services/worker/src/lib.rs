@@ -3,7 +3,8 @@
 //! Layout:
 //! - [`config`]: flags and the validated configuration.
 //! - [`model`]: what the worker knows about its model directory (vocabulary, context, stop ids).
-//! - [`engine`]: the engine trait and the `sim` engine (cost-model time, deterministic tokens).
+//! - [`engine`]: the engine trait, the `sim` engine (cost-model time, deterministic tokens) and,
+//!   with the cargo feature `torch`, the `torch` engine (Llama-architecture models on libtorch).
 //! - [`engine_loop`]: the loop that owns the local scheduler (`preble-localsched`) and the
 //!   engine, streams tokens and reports cache changes and load.
 //! - [`service`]: the NATS side: dispatch, cancellation, token streams, events.

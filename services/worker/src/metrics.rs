@@ -29,6 +29,10 @@ pub struct Metrics {
     pub kv_cached_tokens: IntGauge,
     /// Prompt tokens served from the prefix cache instead of computed.
     pub prefix_hit_tokens: IntCounter,
+    /// Tokens the engine computed (prefill chunks and decode steps; cached tokens are not).
+    pub computed_tokens: IntCounter,
+    /// Iterations the engine failed (their requests failed with them).
+    pub engine_errors: IntCounter,
     /// Requests preempted (to be recomputed) because decodes ran out of KV slots.
     pub preemptions: IntCounter,
     /// Cache events published, by kind (`inserted`, `evicted`).
@@ -100,6 +104,14 @@ impl Metrics {
             prefix_hit_tokens: counter(
                 "preble:prefix_cache_hit_tokens_total",
                 "Prompt tokens served from the prefix cache",
+            ),
+            computed_tokens: counter(
+                "preble:engine_computed_tokens_total",
+                "Tokens the engine computed (cached prompt tokens are not)",
+            ),
+            engine_errors: counter(
+                "preble:engine_errors_total",
+                "Engine iterations that failed",
             ),
             preemptions: counter(
                 "preble:num_preemptions_total",

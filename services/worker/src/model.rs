@@ -10,6 +10,8 @@ use serde_json::Value;
 pub struct ModelInfo {
     /// Served name.
     pub name: String,
+    /// The directory it was read from.
+    pub dir: std::path::PathBuf,
     /// Vocabulary size (`config.json`).
     pub vocab_size: u32,
     /// Longest context (`max_position_embeddings`).
@@ -67,6 +69,7 @@ impl ModelInfo {
         }
         Ok(ModelInfo {
             name,
+            dir: dir.to_path_buf(),
             vocab_size,
             context_len,
             eos_token_ids,

@@ -22,18 +22,26 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::engine::SimEngine;
 use crate::engine_loop::{Active, Command, EngineLoop, Outgoing};
 use crate::metrics::Metrics;
 
 /// Runs a worker until `shutdown` resolves, then drains and returns.
 pub async fn run(
-    config: Config,
+    mut config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let client = async_nats::connect(&config.nats_url)
         .await
         .with_context(|| format!("connecting to NATS at {}", config.nats_url))?;
+    let engine = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || crate::engine::build(&config))
+            .await
+            .context("loading the engine")??
+    };
+    if let Some(capacity) = engine.kv_capacity() {
+        config.kv_capacity_tokens = u64::from(capacity);
+    }
     let metrics = Metrics::new();
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
@@ -42,6 +50,8 @@ pub async fn run(
         worker = %config.worker_id,
         model = %config.model.name,
         profile = config.profile.name,
+        engine = engine.kind(),
+        kv_capacity_tokens = config.kv_capacity_tokens,
         http = %listener.local_addr()?,
         "worker starting"
     );
@@ -56,22 +66,9 @@ pub async fn run(
     ));
     let (commands_tx, commands_rx) = mpsc::unbounded_channel();
     let (load_tx, load_rx) = watch::channel(LoadReport::default());
-    let never_generated: Vec<u32> = config
-        .model
-        .special_token_ids
-        .iter()
-        .chain(&config.model.partial_token_ids)
-        .copied()
-        .collect();
-    let engine = SimEngine::new(
-        config.profile.clone(),
-        config.time_scale,
-        config.model.vocab_size,
-        &never_generated,
-    );
     let engine_loop = EngineLoop::new(
         client.clone(),
-        Box::new(engine),
+        engine,
         SchedulerConfig {
             kv_capacity: config.kv_capacity_tokens.min(u64::from(u32::MAX)) as u32,
             prefill_budget: config.chunk_tokens,
@@ -84,7 +81,9 @@ pub async fn run(
         load_tx,
         config.model.eos_token_ids.clone(),
     );
-    let engine_task = tokio::spawn(engine_loop.run(commands_rx));
+    let engine_done = engine_loop
+        .spawn(commands_rx)
+        .context("starting the engine thread")?;
 
     let dispatch_sub = client
         .subscribe(config.subjects.worker(&config.worker_id))
@@ -133,7 +132,7 @@ pub async fn run(
     let _ = dispatch_task.await;
     let _ = events_tx.send(Outgoing::Event(WorkerEventBody::Leaving));
     let _ = commands_tx.send(Command::Drain(Instant::now() + config.drain_timeout));
-    let _ = engine_task.await;
+    let _ = engine_done.await;
     cancel_task.abort();
     digest_task.abort();
     let _ = heartbeat_task.await;
@@ -195,7 +194,7 @@ async fn heartbeat(
         }
         let beat = Heartbeat {
             models: vec![config.model.name.clone()],
-            engine: "sim".to_string(),
+            engine: config.engine.name().to_string(),
             profile: config.profile.name.to_string(),
             kv_capacity_tokens: config.kv_capacity_tokens,
             period_ms: config.heartbeat.as_millis() as u64,
@@ -246,8 +245,13 @@ async fn serve_dispatch(
                         .prompt_tokens
                         .inc_by(request.prompt_tokens.len() as u64);
                     debug!(request = %request.request_id, "accepted");
+                    let seed = request
+                        .sampling
+                        .seed
+                        .unwrap_or_else(|| drawn_seed(&request.request_id));
                     let active = Active {
                         prompt_hash: preble_prefix::path_hash(&request.prompt_tokens),
+                        seed,
                         request_id: request.request_id,
                         stream_subject: request.stream_subject,
                         sampling: request.sampling,
@@ -410,4 +414,15 @@ async fn serve_digest(
             return;
         }
     }
+}
+
+/// A seed for a request that brought none: different for every request.
+fn drawn_seed(request_id: &str) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let id = request_id
+        .bytes()
+        .fold(0u64, |h, b| preble_prefix::mix64(h ^ u64::from(b)));
+    preble_prefix::mix64(id ^ nanos)
 }

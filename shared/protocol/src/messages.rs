@@ -50,6 +50,9 @@ pub struct SamplingParams {
     /// Nucleus sampling mass.
     #[serde(default = "one")]
     pub top_p: f32,
+    /// Sample only among the `top_k` most likely tokens; absent: no limit.
+    #[serde(default)]
+    pub top_k: Option<u32>,
     /// Seed for reproducible sampling; absent means the worker picks one.
     #[serde(default)]
     pub seed: Option<u64>,
@@ -71,6 +74,7 @@ impl Default for SamplingParams {
             max_tokens: 16,
             temperature: 1.0,
             top_p: 1.0,
+            top_k: None,
             seed: None,
             stop_token_ids: Vec::new(),
             ignore_eos: false,
@@ -465,6 +469,9 @@ pub struct ApiRequest {
     /// Nucleus mass.
     #[serde(default)]
     pub top_p: Option<f32>,
+    /// Top-k limit (vLLM extension).
+    #[serde(default)]
+    pub top_k: Option<u32>,
     /// Sampling seed.
     #[serde(default)]
     pub seed: Option<u64>,
@@ -491,6 +498,7 @@ impl ApiRequest {
             max_tokens: None,
             temperature: None,
             top_p: None,
+            top_k: None,
             seed: None,
             stop: Vec::new(),
             user: None,

@@ -1,11 +1,16 @@
 //! Engines: what computes an iteration. The worker's loop hands an engine one batch per
 //! iteration and streams the tokens it returns.
 
+pub mod llama_config;
+pub mod sampling;
 pub mod sim;
+#[cfg(feature = "torch")]
+pub mod torch;
 
 use std::time::Duration;
 
 use preble_costmodel::SeqWork;
+use preble_protocol::SamplingParams;
 
 pub use sim::SimEngine;
 
@@ -20,7 +25,9 @@ pub struct StepSeq<'a> {
     pub slots: &'a [u32],
     /// A hash of the prompt (computed once per request).
     pub prompt_hash: u64,
-    /// Sampling seed.
+    /// How the request samples.
+    pub sampling: &'a SamplingParams,
+    /// The request's sampling seed: its own, or one the worker drew for it.
     pub seed: u64,
     /// Index of the token this step samples, if it samples one (0 for the first output token).
     pub output_index: u32,
@@ -40,14 +47,70 @@ pub struct StepOutput {
     pub busy_for: Duration,
 }
 
+/// An iteration that could not be computed (the device failed, out of memory...): the
+/// requests of its batch fail, the worker goes on.
+#[derive(Debug, thiserror::Error)]
+#[error("engine step failed: {0}")]
+pub struct EngineError(pub String);
+
 /// Computes iterations.
 pub trait Engine: Send {
     /// Engine kind, as reported in heartbeats.
     fn kind(&self) -> &'static str;
 
+    /// KV slots the engine has room for, when the engine decides it (the torch engine sizes
+    /// its pool from memory); `None`: the configured capacity.
+    fn kv_capacity(&self) -> Option<u32> {
+        None
+    }
+
     /// Runs one iteration over `batch`.
-    fn step(&mut self, batch: &[StepSeq<'_>]) -> StepOutput;
+    fn step(&mut self, batch: &[StepSeq<'_>]) -> Result<StepOutput, EngineError>;
 
     /// Estimated milliseconds for an iteration of this shape (for load reports).
     fn estimate_ms(&self, batch: &[SeqWork]) -> f64;
+}
+
+/// The engine `config` asks for, loaded (for the torch engine: weights read, KV pool
+/// allocated; this blocks, so call it off the async runtime).
+pub fn build(config: &crate::config::Config) -> anyhow::Result<Box<dyn Engine>> {
+    match &config.engine {
+        crate::config::EngineChoice::Sim => {
+            let never_generated: Vec<u32> = config
+                .model
+                .special_token_ids
+                .iter()
+                .chain(&config.model.partial_token_ids)
+                .copied()
+                .collect();
+            Ok(Box::new(SimEngine::new(
+                config.profile.clone(),
+                config.time_scale,
+                config.model.vocab_size,
+                &never_generated,
+            )))
+        }
+        #[cfg(feature = "torch")]
+        crate::config::EngineChoice::Torch {
+            device,
+            dtype,
+            kv_memory_fraction,
+        } => {
+            let options = torch::TorchOptions {
+                device: device.clone(),
+                dtype: dtype.clone(),
+                kv_capacity_tokens: config
+                    .kv_capacity_given
+                    .then_some(config.kv_capacity_tokens),
+                kv_memory_fraction: *kv_memory_fraction,
+                profile: config.profile.clone(),
+            };
+            let engine = torch::TorchEngine::load(&config.model.dir, &options)?;
+            Ok(Box::new(engine))
+        }
+        #[cfg(not(feature = "torch"))]
+        crate::config::EngineChoice::Torch { .. } => {
+            anyhow::bail!("this worker was built without the torch engine")
+        }
+    }
 }

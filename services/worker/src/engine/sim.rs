@@ -7,7 +7,7 @@ use std::time::Duration;
 use preble_costmodel::{Profile, SeqWork};
 use preble_prefix::mix64;
 
-use super::{Engine, StepOutput, StepSeq};
+use super::{Engine, EngineError, StepOutput, StepSeq};
 
 /// A simulated GPU.
 #[derive(Debug)]
@@ -48,20 +48,23 @@ impl Engine for SimEngine {
         "sim"
     }
 
-    fn step(&mut self, batch: &[StepSeq<'_>]) -> StepOutput {
+    fn step(&mut self, batch: &[StepSeq<'_>]) -> Result<StepOutput, EngineError> {
         let work: Vec<SeqWork> = batch.iter().map(|s| s.work).collect();
         let ms = self.profile.iteration_ms(&work) * self.time_scale;
         let tokens = batch
             .iter()
             .map(|s| {
+                // Without a seed of its own a request's tokens depend on its prompt only, so
+                // tests can predict them.
+                let seed = s.sampling.seed.unwrap_or(0);
                 s.samples
-                    .then(|| self.token(s.prompt_hash, s.seed, s.output_index))
+                    .then(|| self.token(s.prompt_hash, seed, s.output_index))
             })
             .collect();
-        StepOutput {
+        Ok(StepOutput {
             tokens,
             busy_for: Duration::from_secs_f64(ms / 1e3),
-        }
+        })
     }
 
     fn estimate_ms(&self, batch: &[SeqWork]) -> f64 {
@@ -91,18 +94,21 @@ mod tests {
         let expected = p.prefill_ms(100, 0) * 0.5;
         let mut e = SimEngine::new(p, 0.5, 50, &[]);
         let prompt = [1u32; 100];
-        let out = e.step(&[StepSeq {
-            tokens: &prompt,
-            slots: &[0; 100],
-            prompt_hash: 1,
-            seed: 0,
-            output_index: 0,
-            work: SeqWork {
-                extend: 100,
-                context: 0,
-            },
-            samples: true,
-        }]);
+        let out = e
+            .step(&[StepSeq {
+                tokens: &prompt,
+                slots: &[0; 100],
+                prompt_hash: 1,
+                sampling: &preble_protocol::SamplingParams::default(),
+                seed: 0,
+                output_index: 0,
+                work: SeqWork {
+                    extend: 100,
+                    context: 0,
+                },
+                samples: true,
+            }])
+            .unwrap();
         assert!((out.busy_for.as_secs_f64() * 1e3 - expected).abs() < 1e-6);
         assert!(out.tokens[0].is_some());
     }

@@ -1,0 +1,42 @@
+#!/usr/bin/env python3
+"""Reference outputs of Hugging Face `transformers` for the torch engine's parity tests.
+
+Reads prompts (a JSON list of token-id lists), runs each alone through LlamaForCausalLM in
+f32, and writes a safetensors file with, for prompt i: `logits.i` (every position's logits,
+[len, vocab]) and `greedy.i` (the next N tokens by plain argmax, no end-of-sequence handling).
+"""
+import argparse
+import json
+import pathlib
+
+import torch
+from safetensors.torch import save_file
+from transformers import LlamaForCausalLM
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model_dir", type=pathlib.Path)
+    parser.add_argument("prompts", type=pathlib.Path)
+    parser.add_argument("out", type=pathlib.Path)
+    parser.add_argument("--greedy-tokens", type=int, default=32)
+    args = parser.parse_args()
+
+    model = LlamaForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
+    prompts = json.loads(args.prompts.read_text())
+    out = {}
+    with torch.no_grad():
+        for i, prompt in enumerate(prompts):
+            ids = torch.tensor([prompt], dtype=torch.long)
+            out[f"logits.{i}"] = model(ids).logits[0].contiguous()
+            generated = []
+            for _ in range(args.greedy_tokens):
+                next_id = int(model(ids).logits[0, -1].argmax())
+                generated.append(next_id)
+                ids = torch.cat([ids, torch.tensor([[next_id]])], dim=1)
+            out[f"greedy.{i}"] = torch.tensor(generated, dtype=torch.long)
+    save_file(out, str(args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,432 @@
+//! The torch engine against Hugging Face `transformers` on the project's tiny Llama: logits
+//! parity, greedy continuations, exact prefix reuse, batched vs single decode, sharded
+//! checkpoints and loading errors.
+//!
+//! Needs `make tiny-model` (the model) and the torch virtualenv (the reference); `make
+//! test-torch` provides both. Missing either fails the tests loudly.
+#![cfg(feature = "torch")]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use preble_costmodel::Profile;
+use preble_worker::engine::llama_config::ModelError;
+use preble_worker::engine::sampling::argmax;
+use preble_worker::engine::torch::model::{LogitsOf, SeqInput};
+use preble_worker::engine::torch::{TorchEngine, TorchOptions};
+use tch::Tensor;
+
+/// Logits of our engine and of transformers agree this closely in f32.
+const LOGIT_TOLERANCE: f32 = 1e-4;
+
+fn tiny_model_dir() -> PathBuf {
+    let dir = std::env::var_os("PREBLE_TINY_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama")
+        });
+    assert!(
+        dir.join("model.safetensors").exists(),
+        "{} has no tiny model: run `make tiny-model` (make test-torch does)",
+        dir.display()
+    );
+    dir
+}
+
+fn torch_python() -> PathBuf {
+    let venv = std::env::var_os("PREBLE_TORCH_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/preble/torch-venv")
+        });
+    let python = venv.join("bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run `make torch-env` (make test-torch does)",
+        python.display()
+    );
+    python
+}
+
+fn options(capacity: u64) -> TorchOptions {
+    TorchOptions {
+        device: "cpu".into(),
+        dtype: None,
+        kv_capacity_tokens: Some(capacity),
+        kv_memory_fraction: None,
+        profile: Profile::a6000_mistral_7b(),
+    }
+}
+
+fn load(dir: &Path) -> TorchEngine {
+    TorchEngine::load(dir, &options(8192)).expect("the tiny model loads")
+}
+
+/// Prompts of different lengths with token ids spread over the vocabulary (seeded).
+fn prompts(vocab: u32) -> Vec<Vec<u32>> {
+    [7usize, 19, 33, 64]
+        .iter()
+        .enumerate()
+        .map(|(p, &len)| {
+            (0..len)
+                .map(|i| (preble_prefix::mix64((p * 1000 + i) as u64) % u64::from(vocab)) as u32)
+                .collect()
+        })
+        .collect()
+}
+
+struct Reference {
+    logits: Vec<Vec<Vec<f32>>>,
+    greedy: Vec<Vec<u32>>,
+}
+
+/// Runs `scripts/torch_reference.py` on `prompts`.
+fn reference(dir: &Path, prompts: &[Vec<u32>]) -> Reference {
+    let work = tempfile::tempdir().unwrap();
+    let prompts_path = work.path().join("prompts.json");
+    std::fs::write(&prompts_path, serde_json::to_string(prompts).unwrap()).unwrap();
+    let out = work.path().join("reference.safetensors");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/torch_reference.py");
+    let status = Command::new(torch_python())
+        .arg(script)
+        .arg(dir)
+        .arg(&prompts_path)
+        .arg(&out)
+        .status()
+        .expect("running the reference script");
+    assert!(status.success(), "the reference script failed");
+    let tensors: HashMap<String, Tensor> = Tensor::read_safetensors(&out)
+        .unwrap()
+        .into_iter()
+        .collect();
+    let logits = (0..prompts.len())
+        .map(|i| {
+            let t = &tensors[&format!("logits.{i}")];
+            Vec::<Vec<f32>>::try_from(t).unwrap()
+        })
+        .collect();
+    let greedy = (0..prompts.len())
+        .map(|i| {
+            let t = &tensors[&format!("greedy.{i}")];
+            Vec::<i64>::try_from(t)
+                .unwrap()
+                .into_iter()
+                .map(|id| id as u32)
+                .collect()
+        })
+        .collect();
+    Reference { logits, greedy }
+}
+
+/// Contiguous slot ranges, one per prompt, from `base`.
+fn slot_ranges(lens: &[usize], base: u32, room: u32) -> Vec<Vec<u32>> {
+    lens.iter()
+        .enumerate()
+        .map(|(i, &len)| {
+            (0..len as u32)
+                .map(|j| base + i as u32 * room + j)
+                .collect()
+        })
+        .collect()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Greedy continuation of every prompt, all decoded together in each step.
+fn greedy_batched(engine: &mut TorchEngine, prompts: &[Vec<u32>], steps: usize) -> Vec<Vec<u32>> {
+    let room = 256;
+    let mut tokens: Vec<Vec<u32>> = prompts.to_vec();
+    let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    let mut slots = slot_ranges(&lens, 0, room);
+    let mut out = vec![Vec::new(); prompts.len()];
+    let mut computed: Vec<usize> = vec![0; prompts.len()];
+    for _ in 0..steps {
+        let seqs: Vec<SeqInput<'_>> = (0..prompts.len())
+            .map(|i| SeqInput {
+                tokens: &tokens[i][computed[i]..],
+                start: computed[i],
+                slots: &slots[i],
+            })
+            .collect();
+        let rows = engine
+            .logits(&seqs, &vec![true; prompts.len()], LogitsOf::Last)
+            .unwrap();
+        for (i, row) in rows.iter().enumerate() {
+            let next = argmax(row);
+            computed[i] = tokens[i].len();
+            tokens[i].push(next);
+            slots[i].push(i as u32 * room + tokens[i].len() as u32 - 1);
+            out[i].push(next);
+        }
+    }
+    out
+}
+
+#[test]
+fn logits_and_greedy_continuations_match_transformers() {
+    let dir = tiny_model_dir();
+    let mut engine = load(&dir);
+    let vocab = engine.model().config().vocab_size as u32;
+    let prompts = prompts(vocab);
+    let reference = reference(&dir, &prompts);
+
+    // All prompts in one forward pass, every position's logits.
+    let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    let slots = slot_ranges(&lens, 0, 256);
+    let seqs: Vec<SeqInput<'_>> = prompts
+        .iter()
+        .zip(&slots)
+        .map(|(p, s)| SeqInput {
+            tokens: p,
+            start: 0,
+            slots: s,
+        })
+        .collect();
+    let rows = engine
+        .logits(&seqs, &vec![true; prompts.len()], LogitsOf::All)
+        .unwrap();
+    let mut row = 0;
+    for (i, prompt) in prompts.iter().enumerate() {
+        for position in 0..prompt.len() {
+            let diff = max_abs_diff(&rows[row], &reference.logits[i][position]);
+            assert!(
+                diff < LOGIT_TOLERANCE,
+                "prompt {i} position {position}: logits differ by {diff}"
+            );
+            row += 1;
+        }
+    }
+
+    let mut fresh = load(&dir);
+    let greedy = greedy_batched(&mut fresh, &prompts, 32);
+    assert_eq!(greedy, reference.greedy, "greedy continuations differ");
+}
+
+#[test]
+fn a_cached_prefix_gives_the_same_output_and_is_not_recomputed() {
+    let dir = tiny_model_dir();
+    let prompt: Vec<u32> = (0..80u32).map(|i| (i * 37 + 11) % 500).collect();
+    let cached = 64;
+
+    // Cold: the whole prompt at once.
+    let mut cold = load(&dir);
+    let slots: Vec<u32> = (0..prompt.len() as u32).collect();
+    let cold_logits = cold
+        .logits(
+            &[SeqInput {
+                tokens: &prompt,
+                start: 0,
+                slots: &slots,
+            }],
+            &[true],
+            LogitsOf::Last,
+        )
+        .unwrap();
+    let cold_greedy = greedy_batched(&mut load(&dir), std::slice::from_ref(&prompt), 16);
+
+    // Warm: another request computed the first 64 tokens into slots 1000..1064; this one
+    // reuses those slots and computes only the rest.
+    let mut warm = load(&dir);
+    let first_slots: Vec<u32> = (1000..1000 + cached as u32).collect();
+    warm.logits(
+        &[SeqInput {
+            tokens: &prompt[..cached],
+            start: 0,
+            slots: &first_slots,
+        }],
+        &[false],
+        LogitsOf::Last,
+    )
+    .unwrap();
+    let before = warm.computed_tokens();
+    let mut reuse_slots = first_slots.clone();
+    reuse_slots.extend(3000..3000 + (prompt.len() - cached) as u32);
+    let warm_logits = warm
+        .logits(
+            &[SeqInput {
+                tokens: &prompt[cached..],
+                start: cached,
+                slots: &reuse_slots,
+            }],
+            &[true],
+            LogitsOf::Last,
+        )
+        .unwrap();
+    assert_eq!(
+        warm.computed_tokens() - before,
+        (prompt.len() - cached) as u64,
+        "only the missed tokens are computed"
+    );
+    let diff = max_abs_diff(&cold_logits[0], &warm_logits[0]);
+    assert!(diff < 1e-5, "cached-prefix logits differ by {diff}");
+
+    // And the continuation from the reused prefix is token for token the cold one.
+    let mut tokens = prompt.clone();
+    let mut slots = reuse_slots;
+    let mut next = argmax(&warm_logits[0]);
+    let mut warm_greedy = vec![next];
+    for step in 1..16 {
+        tokens.push(next);
+        slots.push(5000 + step);
+        let rows = warm
+            .logits(
+                &[SeqInput {
+                    tokens: &tokens[tokens.len() - 1..],
+                    start: tokens.len() - 1,
+                    slots: &slots,
+                }],
+                &[true],
+                LogitsOf::Last,
+            )
+            .unwrap();
+        next = argmax(&rows[0]);
+        warm_greedy.push(next);
+    }
+    assert_eq!(warm_greedy, cold_greedy[0]);
+}
+
+#[test]
+fn batched_decode_equals_one_at_a_time() {
+    let dir = tiny_model_dir();
+    let prompts = prompts(500);
+    let together = greedy_batched(&mut load(&dir), &prompts, 12);
+    for (i, prompt) in prompts.iter().enumerate() {
+        let alone = greedy_batched(&mut load(&dir), std::slice::from_ref(prompt), 12);
+        assert_eq!(alone[0], together[i], "prompt {i}");
+    }
+}
+
+/// A copy of the tiny model's directory to break in a test.
+fn copy_model(dir: &Path) -> tempfile::TempDir {
+    let copy = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), copy.path().join(entry.file_name())).unwrap();
+    }
+    copy
+}
+
+/// A checkpoint's tensors by name, as `Tensor::read_safetensors` gives them.
+type NamedTensors = Vec<(String, Tensor)>;
+
+fn load_error(dir: &Path, options: &TorchOptions) -> ModelError {
+    match TorchEngine::load(dir, options) {
+        Ok(_) => panic!("loading {} should fail", dir.display()),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn a_sharded_checkpoint_loads_to_the_same_model() {
+    let dir = tiny_model_dir();
+    let sharded = copy_model(&dir);
+    let tensors = Tensor::read_safetensors(dir.join("model.safetensors")).unwrap();
+    std::fs::remove_file(sharded.path().join("model.safetensors")).unwrap();
+    let (first, second) = tensors.split_at(tensors.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (file, part) in [
+        ("model-00001-of-00002.safetensors", first),
+        ("model-00002-of-00002.safetensors", second),
+    ] {
+        Tensor::write_safetensors(part, sharded.path().join(file)).unwrap();
+        for (name, _) in part {
+            weight_map.insert(name.clone(), file.into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(
+        sharded.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let prompt: Vec<u32> = (1..30).collect();
+    let slots: Vec<u32> = (0..29).collect();
+    let seq = [SeqInput {
+        tokens: &prompt,
+        start: 0,
+        slots: &slots,
+    }];
+    let a = load(&dir).logits(&seq, &[true], LogitsOf::Last).unwrap();
+    let b = load(sharded.path())
+        .logits(&seq, &[true], LogitsOf::Last)
+        .unwrap();
+    assert_eq!(a, b);
+
+    // A shard the index names but the directory lacks is an error naming it.
+    std::fs::remove_file(sharded.path().join("model-00002-of-00002.safetensors")).unwrap();
+    let e = load_error(sharded.path(), &options(1024));
+    assert!(e.to_string().contains("model-00002-of-00002"), "{e}");
+}
+
+#[test]
+fn loading_errors_are_clear() {
+    let dir = tiny_model_dir();
+
+    let no_weights = copy_model(&dir);
+    std::fs::remove_file(no_weights.path().join("model.safetensors")).unwrap();
+    let e = load_error(no_weights.path(), &options(1024));
+    assert!(e.to_string().contains("model.safetensors"), "{e}");
+
+    let tensors = Tensor::read_safetensors(dir.join("model.safetensors")).unwrap();
+    let rewrite = |edit: &dyn Fn(&mut NamedTensors)| {
+        let copy = copy_model(&dir);
+        let mut tensors: NamedTensors = tensors
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect();
+        edit(&mut tensors);
+        Tensor::write_safetensors(&tensors, copy.path().join("model.safetensors")).unwrap();
+        copy
+    };
+    let missing = rewrite(&|t| t.retain(|(n, _)| n != "model.layers.1.mlp.up_proj.weight"));
+    let e = load_error(missing.path(), &options(1024));
+    assert!(
+        matches!(&e, ModelError::MissingTensor(n) if n == "model.layers.1.mlp.up_proj.weight"),
+        "{e}"
+    );
+    let misshaped = rewrite(&|t| {
+        for (name, tensor) in t.iter_mut() {
+            if name == "model.layers.0.self_attn.k_proj.weight" {
+                *tensor = Tensor::zeros([3, 64], (tch::Kind::Float, tch::Device::Cpu));
+            }
+        }
+    });
+    let e = load_error(misshaped.path(), &options(1024));
+    assert!(
+        e.to_string()
+            .contains("model.layers.0.self_attn.k_proj.weight")
+            && e.to_string().contains("[3, 64]"),
+        "{e}"
+    );
+
+    let other_arch = copy_model(&dir);
+    let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    std::fs::write(
+        other_arch.path().join("config.json"),
+        config.replace("LlamaForCausalLM", "Qwen2MoeForCausalLM"),
+    )
+    .unwrap();
+    let e = load_error(other_arch.path(), &options(1024));
+    assert!(e.to_string().contains("unsupported architecture"), "{e}");
+
+    let mut f16 = options(1024);
+    f16.dtype = Some("f16".into());
+    assert!(load_error(&dir, &f16).to_string().contains("f16"));
+    let mut no_such_gpu = options(1024);
+    no_such_gpu.device = "cuda:99".into();
+    assert!(
+        load_error(&dir, &no_such_gpu)
+            .to_string()
+            .contains("cuda:99")
+    );
+    let mut nonsense = options(1024);
+    nonsense.device = "tpu".into();
+    assert!(load_error(&dir, &nonsense).to_string().contains("tpu"));
+}
