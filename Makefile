@@ -5,13 +5,14 @@ MODEL_DIR ?= models/preble-sim
 WORKERS ?= 4
 
 .PHONY: run test bench lint fmt model build services loadtest up torch-env tiny-model \
-	bench-model test-torch build-torch
+	bench-model test-torch build-torch lint-torch bench-torch
 
 # The torch engine builds against the libtorch of a PyTorch 2.13.0 virtualenv kept outside
 # the clone (made by scripts/ensure-torch-venv.sh on first use).
 TORCH_VENV ?= $(HOME)/.cache/preble/torch-venv
 TORCH_PY := $(TORCH_VENV)/bin/python
 TORCH_ENV := PATH="$(TORCH_VENV)/bin:$$PATH" LIBTORCH_USE_PYTORCH=1 PREBLE_TORCH_VENV="$(TORCH_VENV)"
+TORCH_FEATURES := preble-worker/torch,preble-tests/torch
 TINY_MODEL_DIR ?= models/tiny-llama
 BENCH_MODEL_DIR ?= models/bench-100m
 
@@ -56,7 +57,17 @@ bench-model: torch-env
 test-torch: build-torch tiny-model
 	./scripts/ensure-services.sh
 	$(TORCH_ENV) PREBLE_TINY_MODEL_DIR="$(abspath $(TINY_MODEL_DIR))" \
-		$(CARGO) test -p preble-worker -p preble-tests --features preble-worker/torch,preble-tests/torch
+		$(CARGO) test -p preble-worker -p preble-tests --features $(TORCH_FEATURES) \
+		--lib --test torch_engine --test torch
+
+## bench-torch: the torch engine vs transformers on the ~100M model (throughput, cached TTFT)
+bench-torch: bench-model
+	$(TORCH_ENV) $(CARGO) bench -p preble-worker --features torch --bench torch_engine
+
+## lint-torch: clippy over the torch engine's code
+lint-torch: torch-env
+	$(TORCH_ENV) $(CARGO) clippy -p preble-worker -p preble-tests --features $(TORCH_FEATURES) \
+		--all-targets -- -D warnings
 
 bench: build
 	./scripts/ensure-services.sh

@@ -16,7 +16,7 @@ use preble_protocol::{
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
-use crate::engine::{Engine, StepSeq};
+use crate::engine::{Engine, RequestView, step_batch};
 use crate::metrics::Metrics;
 
 /// A request's serving state, carried through the local scheduler.
@@ -231,26 +231,11 @@ impl EngineLoop {
                     .inc_by(u64::from(seq.cached_prompt_tokens()));
             }
         }
-        let steps: Vec<StepSeq<'_>> = plan
-            .items
-            .iter()
-            .map(|item| {
-                let seq = &self.sched.running()[item.index];
-                StepSeq {
-                    tokens: seq.tokens(),
-                    slots: &seq.slots()[..(item.start + item.extend) as usize],
-                    prompt_hash: seq.payload.prompt_hash,
-                    sampling: &seq.payload.sampling,
-                    seed: seq.payload.seed,
-                    output_index: seq.generated().len() as u32,
-                    work: SeqWork {
-                        extend: item.extend,
-                        context: item.start,
-                    },
-                    samples: item.samples,
-                }
-            })
-            .collect();
+        let steps = step_batch(&self.sched, &plan, |active: &Active| RequestView {
+            prompt_hash: active.prompt_hash,
+            sampling: &active.sampling,
+            seed: active.seed,
+        });
         let result = self.engine.step(&steps);
         drop(steps);
         let output = match result {

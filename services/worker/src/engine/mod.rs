@@ -10,6 +10,7 @@ pub mod torch;
 use std::time::Duration;
 
 use preble_costmodel::SeqWork;
+use preble_localsched::{LocalScheduler, Plan};
 use preble_protocol::SamplingParams;
 
 pub use sim::SimEngine;
@@ -35,6 +36,46 @@ pub struct StepSeq<'a> {
     pub work: SeqWork,
     /// Whether this step ends with a sampled token (last prefill chunk, or a decode step).
     pub samples: bool,
+}
+
+/// What an engine needs to know about one request besides its tokens.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestView<'a> {
+    /// A hash of the prompt.
+    pub prompt_hash: u64,
+    /// How it samples.
+    pub sampling: &'a SamplingParams,
+    /// Its sampling seed.
+    pub seed: u64,
+}
+
+/// The engine's batch for an iteration the local scheduler planned; `view` tells each
+/// request's sampling facts from its payload.
+pub fn step_batch<'a, T>(
+    sched: &'a LocalScheduler<T>,
+    plan: &Plan,
+    view: impl Fn(&'a T) -> RequestView<'a>,
+) -> Vec<StepSeq<'a>> {
+    plan.items
+        .iter()
+        .map(|item| {
+            let seq = &sched.running()[item.index];
+            let request = view(&seq.payload);
+            StepSeq {
+                tokens: seq.tokens(),
+                slots: &seq.slots()[..(item.start + item.extend) as usize],
+                prompt_hash: request.prompt_hash,
+                sampling: request.sampling,
+                seed: request.seed,
+                output_index: seq.generated().len() as u32,
+                work: SeqWork {
+                    extend: item.extend,
+                    context: item.start,
+                },
+                samples: item.samples,
+            }
+        })
+        .collect()
 }
 
 /// What one iteration produced.
