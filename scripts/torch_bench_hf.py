@@ -18,19 +18,28 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--long-prompt", type=int, default=2048)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
-    model = LlamaForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
+    device = torch.device(args.device)
+    model = LlamaForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).to(device).eval()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
 
     def generate_rate(batch):
-        ids = torch.randint(4, vocab, (batch, args.prompt_len), generator=generator)
+        ids = torch.randint(4, vocab, (batch, args.prompt_len), generator=generator).to(device)
+        sync()
         start = time.perf_counter()
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                  max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                  pad_token_id=0)
+        sync()
         elapsed = time.perf_counter() - start
         generated = (out.shape[1] - args.prompt_len) * batch
         return generated / elapsed
@@ -38,13 +47,16 @@ def main():
     generate_rate(1)  # warm-up
     batch1 = generate_rate(1)
     batched = generate_rate(args.batch)
-    long_ids = torch.randint(4, vocab, (1, args.long_prompt), generator=generator)
+    long_ids = torch.randint(4, vocab, (1, args.long_prompt), generator=generator).to(device)
+    sync()
     start = time.perf_counter()
     with torch.no_grad():
         model.generate(long_ids, attention_mask=torch.ones_like(long_ids), do_sample=False,
                        max_new_tokens=1, pad_token_id=0)
+    sync()
     ttft = time.perf_counter() - start
     print(json.dumps({
+        "device": args.device,
         "threads": torch.get_num_threads(),
         "batch1_tokens_per_s": batch1,
         "batched_tokens_per_s": batched,

@@ -166,8 +166,16 @@ fn compose_services_match_their_dockerfiles_and_binaries() {
         http_ports.insert(name.to_string(), listen);
     }
     assert!(
-        built >= 6,
-        "gateway, scheduler and 4 workers are built: {built}"
+        built >= 7,
+        "gateway, scheduler, 4 sim workers and the gpu profile's torch worker are built: {built}"
+    );
+    let gpu = &compose["services"]["worker-gpu-0"];
+    assert_eq!(gpu["profiles"][0].as_str(), Some("gpu"));
+    assert_eq!(gpu["environment"]["PREBLE_ENGINE"].as_str(), Some("torch"));
+    assert_eq!(
+        gpu["deploy"]["resources"]["reservations"]["devices"][0]["driver"].as_str(),
+        Some("nvidia"),
+        "the torch worker asks for an NVIDIA device"
     );
     for needed in [
         "nats",

@@ -135,6 +135,7 @@ fn main() {
         .args(["--new-tokens", &NEW_TOKENS.to_string()])
         .args(["--batch", &BATCH.to_string()])
         .args(["--long-prompt", &LONG_PROMPT.to_string()])
+        .args(["--device", &device])
         .output()
         .expect("running the transformers baseline");
     assert!(

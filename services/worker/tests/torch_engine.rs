@@ -49,10 +49,16 @@ fn torch_python() -> PathBuf {
     python
 }
 
+/// The device the tests run on: `PREBLE_TEST_DEVICE` (`scripts/gpu-check.sh` sets `cuda`),
+/// default `cpu`.
+fn device() -> String {
+    std::env::var("PREBLE_TEST_DEVICE").unwrap_or_else(|_| "cpu".into())
+}
+
 fn options(capacity: u64) -> TorchOptions {
     TorchOptions {
-        device: "cpu".into(),
-        dtype: None,
+        device: device(),
+        dtype: Some("f32".into()),
         kv_capacity_tokens: Some(capacity),
         kv_memory_fraction: None,
         profile: Profile::a6000_mistral_7b(),
@@ -416,9 +422,10 @@ fn loading_errors_are_clear() {
     let e = load_error(other_arch.path(), &options(1024));
     assert!(e.to_string().contains("unsupported architecture"), "{e}");
 
-    let mut f16 = options(1024);
-    f16.dtype = Some("f16".into());
-    assert!(load_error(&dir, &f16).to_string().contains("f16"));
+    let mut f16_on_cpu = options(1024);
+    f16_on_cpu.device = "cpu".into();
+    f16_on_cpu.dtype = Some("f16".into());
+    assert!(load_error(&dir, &f16_on_cpu).to_string().contains("f16"));
     let mut no_such_gpu = options(1024);
     no_such_gpu.device = "cuda:99".into();
     assert!(
