@@ -57,6 +57,8 @@ pub struct Options {
     pub worker_args: Vec<String>,
     /// Model directory to serve; default: a fresh sim model directory.
     pub model_dir: Option<PathBuf>,
+    /// Environment variables for every service (gateway, scheduler and workers).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -69,6 +71,7 @@ impl Default for Options {
             scheduler_args: Vec::new(),
             worker_args: Vec::new(),
             model_dir: None,
+            env: Vec::new(),
         }
     }
 }
@@ -105,6 +108,7 @@ pub struct TestCluster {
     children: Vec<Child>,
     scheduler: Option<Child>,
     scheduler_args: Vec<String>,
+    env: Vec<(String, String)>,
     scheduler_starts: usize,
     /// Where logs and the model live.
     pub dir: tempfile::TempDir,
@@ -153,7 +157,12 @@ impl TestCluster {
         scheduler_args.push(format!("127.0.0.1:{scheduler_port}"));
         scheduler_args.extend(options.scheduler_args.iter().cloned());
         let scheduler = if options.scheduler {
-            Some(spawn_scheduler(&scheduler_args, dir.path(), 0)?)
+            Some(spawn_scheduler(
+                &scheduler_args,
+                &options.env,
+                dir.path(),
+                0,
+            )?)
         } else {
             None
         };
@@ -180,6 +189,7 @@ impl TestCluster {
                     "100",
                 ])
                 .args(&options.worker_args)
+                .envs(options.env.iter().cloned())
                 .stdout(Stdio::null())
                 .stderr(log(&id)?)
                 .spawn()
@@ -200,7 +210,7 @@ impl TestCluster {
             .args(["--stream-idle-timeout-s", "20"])
             .stdout(Stdio::null())
             .stderr(log("gateway")?);
-        for (k, v) in &options.gateway_env {
+        for (k, v) in options.env.iter().chain(&options.gateway_env) {
             gateway.env(k, v);
         }
         children.push(gateway.spawn().context("starting the gateway")?);
@@ -213,6 +223,7 @@ impl TestCluster {
             children,
             scheduler,
             scheduler_args,
+            env: options.env.clone(),
             scheduler_starts: 1,
             dir,
         };
@@ -302,14 +313,24 @@ impl TestCluster {
     /// Starts a scheduler again with the same flags (logging to `scheduler-N.log`).
     pub fn start_scheduler(&mut self) -> Result<()> {
         self.kill_scheduler();
-        let child = spawn_scheduler(&self.scheduler_args, self.dir.path(), self.scheduler_starts)?;
+        let child = spawn_scheduler(
+            &self.scheduler_args,
+            &self.env,
+            self.dir.path(),
+            self.scheduler_starts,
+        )?;
         self.scheduler_starts += 1;
         self.scheduler = Some(child);
         Ok(())
     }
 }
 
-fn spawn_scheduler(args: &[String], dir: &std::path::Path, start: usize) -> Result<Child> {
+fn spawn_scheduler(
+    args: &[String],
+    env: &[(String, String)],
+    dir: &std::path::Path,
+    start: usize,
+) -> Result<Child> {
     let name = if start == 0 {
         "scheduler.log".to_string()
     } else {
@@ -318,6 +339,7 @@ fn spawn_scheduler(args: &[String], dir: &std::path::Path, start: usize) -> Resu
     let log = std::fs::File::create(dir.join(name))?;
     Command::new(binary("preble-scheduler"))
         .args(args)
+        .envs(env.iter().cloned())
         .stdout(Stdio::null())
         .stderr(Stdio::from(log))
         .spawn()

@@ -250,6 +250,7 @@ async fn serve(
             generation.user.clone(),
         )
         .await?;
+    submitted.span().record("stream", generation.stream);
     let meta = ResponseMeta {
         id: match endpoint {
             Endpoint::Completions => format!("cmpl-{}", submitted.request_id()),

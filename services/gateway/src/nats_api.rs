@@ -128,6 +128,7 @@ async fn generate(
         .relay
         .submit(&model.name, prompt, generation.sampling, generation.user)
         .await?;
+    submitted.span().record("stream", true);
     out.request_id = submitted.request_id().to_string();
     let mut text = TextGeneration::new(submitted, model, generation.stop, prompt_len);
     while let Some(event) = text.next().await {

@@ -15,7 +15,7 @@ use preble_protocol::{
     Cancel, ErrorCode, FinishReason, GenerateRequest, SamplingParams, StreamBody, StreamMessage,
     Subjects, Usage, decode, encode,
 };
-use tracing::warn;
+use tracing::{Span, field::Empty, warn};
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -64,7 +64,9 @@ impl Relay {
         }
     }
 
-    /// Submits a request; its stream starts immediately.
+    /// Submits a request; its stream starts immediately. The request's trace starts here
+    /// (span `gateway.request`, ended when the [`Generation`] is dropped) and travels in the
+    /// NATS headers.
     pub async fn submit(
         &self,
         model: &str,
@@ -74,6 +76,20 @@ impl Relay {
     ) -> Result<Generation, ApiError> {
         let request_id = uuid::Uuid::new_v4().simple().to_string();
         let stream_subject = self.subjects.stream(&request_id);
+        let span = tracing::info_span!(
+            "gateway.request",
+            otel.kind = "server",
+            otel.status_code = Empty,
+            request_id = %request_id,
+            model = %model,
+            prompt_tokens = prompt_tokens.len(),
+            max_tokens = sampling.max_tokens,
+            stream = Empty,
+            finish_reason = Empty,
+            completion_tokens = Empty,
+            cached_tokens = Empty,
+            error = Empty,
+        );
         let subscription = self
             .client
             .subscribe(stream_subject.clone())
@@ -95,7 +111,11 @@ impl Relay {
         request.user = user;
         let ack = self
             .jetstream
-            .publish(self.subjects.requests(), encode(&request).into())
+            .publish_with_headers(
+                self.subjects.requests(),
+                preble_telemetry::propagation::headers_for(&span),
+                encode(&request).into(),
+            )
             .await
             .map_err(|e| {
                 ApiError::new(
@@ -123,6 +143,7 @@ impl Relay {
             idle_timeout: self.idle_timeout,
             metrics: self.metrics.clone(),
             finished: false,
+            span,
         })
     }
 }
@@ -164,12 +185,18 @@ pub struct Generation {
     metrics: Metrics,
     finished: bool,
     guard: CancelGuard,
+    span: Span,
 }
 
 impl Generation {
     /// The request id.
     pub fn request_id(&self) -> &str {
         &self.request_id
+    }
+
+    /// The request's span (`gateway.request`), for recording what the caller knows.
+    pub fn span(&self) -> &Span {
+        &self.span
     }
 
     /// The next event; `None` after the end.
@@ -232,6 +259,10 @@ impl Generation {
             } => {
                 self.finished = true;
                 self.guard.armed = false;
+                self.span.record("finish_reason", finish_reason.as_str());
+                self.span
+                    .record("completion_tokens", usage.completion_tokens);
+                self.span.record("cached_tokens", usage.cached_tokens);
                 Ok(RelayEvent::Final {
                     finish_reason,
                     usage,
@@ -246,6 +277,11 @@ impl Generation {
 
     fn fail(&mut self, error: ApiError) -> Result<RelayEvent, ApiError> {
         self.finished = true;
+        self.span.record("otel.status_code", "ERROR");
+        self.span.record(
+            "error",
+            format!("{}: {}", error.code.as_str(), error.message),
+        );
         Err(error)
     }
 }

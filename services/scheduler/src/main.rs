@@ -6,7 +6,11 @@ use preble_scheduler::{Args, Config};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    preble_telemetry::init_tracing("preble-scheduler", args.log_format);
-    let config = Config::from_args(args)?;
-    preble_scheduler::run(config, preble_telemetry::shutdown_signal()).await
+    let tracing = preble_telemetry::init_tracing("preble-scheduler", args.log_format);
+    tracing
+        .run(async {
+            let config = Config::from_args(args)?;
+            preble_scheduler::run(config, preble_telemetry::shutdown_signal()).await
+        })
+        .await
 }

@@ -18,7 +18,7 @@ use preble_protocol::{
     encode,
 };
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{Span, debug, field::Empty, info, warn};
 
 use crate::cluster::{Cluster, Outstanding};
 use crate::config::Config;
@@ -167,6 +167,8 @@ struct Pending {
     attempts: u32,
     tried: Vec<String>,
     since: Instant,
+    /// `scheduler.route`: from arrival to acceptance or failure, child of the gateway's span.
+    span: Span,
 }
 
 /// What a dispatch task reports back.
@@ -207,12 +209,29 @@ impl Router {
         match decode::<GenerateRequest>(&message.payload) {
             Ok(request) => {
                 debug!(request = %request.request_id, "request received");
+                let span = tracing::info_span!(
+                    "scheduler.route",
+                    otel.kind = "consumer",
+                    otel.status_code = Empty,
+                    request_id = %request.request_id,
+                    model = %request.model,
+                    prompt_tokens = request.prompt_tokens.len(),
+                    policy = self.config.policy.name(),
+                    worker = Empty,
+                    decision = Empty,
+                    cached_tokens = Empty,
+                    reason = Empty,
+                    attempts = Empty,
+                    error = Empty,
+                );
+                preble_telemetry::propagation::continue_trace(&span, message.headers.as_ref());
                 self.route(Pending {
                     request,
                     message,
                     attempts: 0,
                     tried: Vec::new(),
                     since: Instant::now(),
+                    span,
                 });
             }
             Err(e) => {
@@ -278,6 +297,13 @@ impl Router {
         );
         pending.attempts += 1;
         pending.tried.push(decision.worker.clone());
+        let span = &pending.span;
+        span.record("worker", decision.worker.as_str());
+        span.record("decision", decision.kind.as_str());
+        span.record("cached_tokens", decision.cached_tokens);
+        span.record("reason", decision.reason.as_str());
+        span.record("attempts", pending.attempts);
+        let headers = preble_telemetry::propagation::headers_for(span);
         let dispatch = Dispatch {
             v: PROTOCOL_VERSION,
             request: pending.request.clone(),
@@ -293,6 +319,7 @@ impl Router {
         let worker = decision.worker;
         tokio::spawn(async move {
             let request = Request::new()
+                .headers(headers)
                 .payload(encode(&dispatch).into())
                 .timeout(Some(timeout));
             let outcome = match client.send_request(subject, request).await {
@@ -562,6 +589,10 @@ impl Router {
     /// Ends a request with an error on its stream and removes it from the requests stream.
     fn fail(&mut self, pending: Pending, code: ErrorCode, message: String) {
         warn!(request = %pending.request.request_id, %code, %message, "request failed");
+        pending.span.record("otel.status_code", "ERROR");
+        pending
+            .span
+            .record("error", format!("{}: {message}", code.as_str()));
         self.send_error(
             &pending.request.request_id,
             &pending.request.stream_subject,

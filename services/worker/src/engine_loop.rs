@@ -32,6 +32,11 @@ pub struct Active {
     pub prompt_hash: u64,
     /// Sampling seed: the request's own, else one drawn at acceptance.
     pub seed: u64,
+    /// `worker.request`: from acceptance to the end, child of the scheduler's route span.
+    pub span: tracing::Span,
+    /// The phase under way, a child of `span`: `worker.queue`, `worker.prefill` (with the
+    /// tokens computed and reused), then `worker.decode`.
+    pub phase: Option<tracing::Span>,
     /// Next stream sequence number.
     pub next_stream_seq: u64,
     /// When the worker accepted it.
@@ -226,9 +231,16 @@ impl EngineLoop {
             let seq = self.sched.running_mut(item.index);
             if seq.payload.started_at.is_none() {
                 seq.payload.started_at = Some(began);
-                self.metrics
-                    .prefix_hit_tokens
-                    .inc_by(u64::from(seq.cached_prompt_tokens()));
+                let reused = seq.cached_prompt_tokens();
+                self.metrics.prefix_hit_tokens.inc_by(u64::from(reused));
+                let prefill = tracing::info_span!(
+                    parent: &seq.payload.span,
+                    "worker.prefill",
+                    reused_tokens = reused,
+                    computed_tokens = seq.prompt_len() - reused,
+                );
+                seq.payload.span.record("cached_tokens", reused);
+                seq.payload.phase = Some(prefill);
             }
         }
         let steps = step_batch(&self.sched, &plan, |active: &Active| RequestView {
@@ -263,6 +275,8 @@ impl EngineLoop {
             self.metrics.generation_tokens.inc();
             if seq.payload.first_token_at.is_none() {
                 seq.payload.first_token_at = Some(Instant::now());
+                let decode = tracing::info_span!(parent: &seq.payload.span, "worker.decode");
+                seq.payload.phase = Some(decode);
                 self.metrics
                     .time_to_first_token
                     .observe(seq.payload.accepted_at.elapsed().as_secs_f64());
@@ -336,7 +350,19 @@ impl EngineLoop {
             .await;
     }
 
-    async fn finish_stream(&mut self, active: Active, usage: Usage, ending: Ending) {
+    async fn finish_stream(&mut self, mut active: Active, usage: Usage, ending: Ending) {
+        active.phase = None;
+        let span = &active.span;
+        span.record("completion_tokens", usage.completion_tokens);
+        match &ending {
+            Ending::Finished(reason) => {
+                span.record("finish_reason", reason.as_str());
+            }
+            Ending::Failed(code, message) => {
+                span.record("otel.status_code", "ERROR");
+                span.record("error", format!("{}: {message}", code.as_str()));
+            }
+        }
         let since = |t: Option<Instant>| {
             t.map(|t| t.duration_since(active.accepted_at).as_micros() as u64)
                 .unwrap_or(0)

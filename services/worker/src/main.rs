@@ -6,7 +6,11 @@ use preble_worker::{Args, Config};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    preble_telemetry::init_tracing("preble-worker", args.log_format);
-    let config = Config::from_args(args)?;
-    preble_worker::run(config, preble_telemetry::shutdown_signal()).await
+    let tracing = preble_telemetry::init_tracing("preble-worker", args.log_format);
+    tracing
+        .run(async {
+            let config = Config::from_args(args)?;
+            preble_worker::run(config, preble_telemetry::shutdown_signal()).await
+        })
+        .await
 }

@@ -19,7 +19,7 @@ use preble_protocol::{
 };
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, field::Empty, info, warn};
 
 use crate::config::Config;
 use crate::engine_loop::{Active, Command, EngineLoop, Outgoing};
@@ -249,9 +249,26 @@ async fn serve_dispatch(
                         .sampling
                         .seed
                         .unwrap_or_else(|| drawn_seed(&request.request_id));
+                    let span = tracing::info_span!(
+                        "worker.request",
+                        otel.kind = "consumer",
+                        otel.status_code = Empty,
+                        request_id = %request.request_id,
+                        worker = %config.worker_id,
+                        engine = config.engine.name(),
+                        prompt_tokens = request.prompt_tokens.len(),
+                        cached_tokens = Empty,
+                        completion_tokens = Empty,
+                        finish_reason = Empty,
+                        error = Empty,
+                    );
+                    preble_telemetry::propagation::continue_trace(&span, message.headers.as_ref());
+                    let phase = Some(tracing::info_span!(parent: &span, "worker.queue"));
                     let active = Active {
                         prompt_hash: preble_prefix::path_hash(&request.prompt_tokens),
                         seed,
+                        span,
+                        phase,
                         request_id: request.request_id,
                         stream_subject: request.stream_subject,
                         sampling: request.sampling,

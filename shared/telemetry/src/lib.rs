@@ -1,10 +1,14 @@
 //! Observability shared by every preble service.
 //!
 //! Layout:
-//! - [`init_tracing`]: the `tracing` subscriber (pretty or JSON logs, `RUST_LOG`-style filter).
+//! - [`init_tracing`]: the `tracing` subscriber (pretty or JSON logs, `RUST_LOG`-style filter),
+//!   plus OpenTelemetry export over OTLP when the standard `OTEL_*` variables ask for it.
+//! - [`propagation`]: W3C trace context in NATS message headers, one helper pair used by every
+//!   publisher and consumer.
 //! - [`render_metrics`]: a Prometheus registry as the text exposition format for `/metrics`.
-//!
-//! OpenTelemetry export and trace propagation through NATS headers come on top of this.
+
+pub mod otlp;
+pub mod propagation;
 
 use std::str::FromStr;
 
@@ -32,11 +36,22 @@ impl FromStr for LogFormat {
     }
 }
 
-/// Installs the global tracing subscriber for `service`. The filter comes from `RUST_LOG`
-/// (default `info`). Calling it twice is harmless: the second call is ignored.
-pub fn init_tracing(service: &str, format: LogFormat) {
+/// Installs the global tracing subscriber for `service`: logs filtered by `RUST_LOG` (default
+/// `info`), and spans exported over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set (see [`otlp`]). Keep the returned guard until
+/// the service ends: its [`otlp::TracingGuard::shutdown`] flushes the last spans. Calling it
+/// twice is harmless: the second call installs nothing.
+pub fn init_tracing(service: &str, format: LogFormat) -> otlp::TracingGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter);
+    let (export, guard) = match otlp::exporter_from_env(service) {
+        Ok(Some((layer, guard))) => (Some(layer), guard),
+        Ok(None) => (None, otlp::TracingGuard::default()),
+        Err(e) => {
+            eprintln!("{service}: OpenTelemetry export is off: {e}");
+            (None, otlp::TracingGuard::default())
+        }
+    };
+    let registry = tracing_subscriber::registry().with(filter).with(export);
     let result = match format {
         LogFormat::Pretty => registry
             .with(fmt::layer().with_target(false).with_writer(std::io::stderr))
@@ -46,8 +61,13 @@ pub fn init_tracing(service: &str, format: LogFormat) {
             .try_init(),
     };
     if result.is_ok() {
-        tracing::debug!(service, "tracing initialised");
+        tracing::debug!(
+            service,
+            exporting = guard.is_exporting(),
+            "tracing initialised"
+        );
     }
+    guard
 }
 
 /// Renders every metric of `registry` in the Prometheus text format.

@@ -1,0 +1,224 @@
+//! One trace per request across the services: an OTLP/HTTP (JSON) receiver runs inside the
+//! test, the real gateway, scheduler and worker export to it, and one streaming request must
+//! arrive as one trace with the right spans, parent links across both NATS hops, and the
+//! routing decision on the scheduler's span.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::{Router, body::Bytes, extract::State, routing::post};
+use common::*;
+use preble_tests::{Options, TestCluster, free_port};
+use serde_json::{Value, json};
+
+/// One received span with the service that sent it.
+#[derive(Clone, Debug)]
+struct ReceivedSpan {
+    service: String,
+    span: Value,
+}
+
+impl ReceivedSpan {
+    fn name(&self) -> &str {
+        self.span["name"].as_str().unwrap_or_default()
+    }
+
+    fn id(&self, field: &str) -> String {
+        self.span[field]
+            .as_str()
+            .unwrap_or_default()
+            .to_ascii_lowercase()
+    }
+
+    /// An attribute's value as text (OTLP JSON wraps values by type).
+    fn attr(&self, key: &str) -> Option<String> {
+        let attribute = self.span["attributes"]
+            .as_array()?
+            .iter()
+            .find(|a| a["key"] == key)?;
+        let value = &attribute["value"];
+        ["stringValue", "intValue", "boolValue", "doubleValue"]
+            .iter()
+            .find_map(|kind| match &value[kind] {
+                Value::Null => None,
+                Value::String(s) => Some(s.clone()),
+                other => Some(other.to_string()),
+            })
+    }
+}
+
+/// An OTLP/HTTP receiver on loopback collecting every span it is sent.
+async fn start_receiver() -> (String, Arc<Mutex<Vec<ReceivedSpan>>>) {
+    let spans: Arc<Mutex<Vec<ReceivedSpan>>> = Arc::default();
+    async fn receive(
+        State(spans): State<Arc<Mutex<Vec<ReceivedSpan>>>>,
+        body: Bytes,
+    ) -> &'static str {
+        let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+            return "{}";
+        };
+        let mut out = spans.lock().unwrap();
+        for resource in request["resourceSpans"].as_array().into_iter().flatten() {
+            let service = resource["resource"]["attributes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|a| a["key"] == "service.name")
+                .and_then(|a| a["value"]["stringValue"].as_str())
+                .unwrap_or_default()
+                .to_string();
+            for scope in resource["scopeSpans"].as_array().into_iter().flatten() {
+                for span in scope["spans"].as_array().into_iter().flatten() {
+                    out.push(ReceivedSpan {
+                        service: service.clone(),
+                        span: span.clone(),
+                    });
+                }
+            }
+        }
+        "{}"
+    }
+    let port = free_port();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let app = Router::new()
+        .route("/v1/traces", post(receive))
+        .with_state(spans.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://127.0.0.1:{port}"), spans)
+}
+
+#[tokio::test]
+async fn one_request_is_one_trace_across_gateway_scheduler_and_worker() {
+    let (endpoint, received) = start_receiver().await;
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .to_vec();
+    let c = TestCluster::start(Options {
+        workers: 2,
+        env,
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let body = json!({
+        "model": c.model,
+        "messages": [{"role": "user", "content": "Trace me through every service."}],
+        "max_tokens": 6,
+        "stream": true,
+        "seed": 3,
+    });
+    let (status, events) = stream(&c.gateway, "/v1/chat/completions", &body).await;
+    assert_eq!(status, 200);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let request_id = {
+        let first: Value = serde_json::from_str(&events[0]).unwrap();
+        first["id"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("chatcmpl-")
+            .to_string()
+    };
+
+    let wanted = [
+        "gateway.request",
+        "scheduler.route",
+        "worker.request",
+        "worker.queue",
+        "worker.prefill",
+        "worker.decode",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let spans = loop {
+        let spans = received.lock().unwrap().clone();
+        let names: BTreeSet<&str> = spans.iter().map(ReceivedSpan::name).collect();
+        if wanted.iter().all(|w| names.contains(w)) {
+            break spans;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "spans seen: {names:?}; logs:\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let one = |name: &str| -> ReceivedSpan {
+        let matching: Vec<&ReceivedSpan> = spans.iter().filter(|s| s.name() == name).collect();
+        assert_eq!(matching.len(), 1, "one {name} span for one request");
+        matching[0].clone()
+    };
+    let gateway = one("gateway.request");
+    let route = one("scheduler.route");
+    let worker = one("worker.request");
+    assert_eq!(
+        gateway.attr("request_id").as_deref(),
+        Some(request_id.as_str())
+    );
+    assert_eq!(
+        route.attr("request_id").as_deref(),
+        Some(request_id.as_str())
+    );
+
+    // One trace id for everything.
+    let trace = gateway.id("traceId");
+    assert_eq!(trace.len(), 32);
+    for span in &spans {
+        assert_eq!(
+            span.id("traceId"),
+            trace,
+            "{} is in another trace",
+            span.name()
+        );
+    }
+    // Each service reports its own spans.
+    assert_eq!(gateway.service, "preble-gateway");
+    assert_eq!(route.service, "preble-scheduler");
+    assert_eq!(worker.service, "preble-worker");
+    // Parent links across the two NATS hops, and inside the worker.
+    assert_eq!(
+        gateway.id("parentSpanId"),
+        "",
+        "the gateway starts the trace"
+    );
+    assert_eq!(route.id("parentSpanId"), gateway.id("spanId"));
+    assert_eq!(worker.id("parentSpanId"), route.id("spanId"));
+    for phase in ["worker.queue", "worker.prefill", "worker.decode"] {
+        assert_eq!(
+            one(phase).id("parentSpanId"),
+            worker.id("spanId"),
+            "{phase}"
+        );
+    }
+    // The routing decision, with its terms.
+    assert_eq!(route.attr("policy").as_deref(), Some("e2"));
+    let chosen = route.attr("worker").unwrap();
+    assert!(
+        c.workers.iter().any(|w| w.id == chosen),
+        "route chose {chosen}"
+    );
+    assert!(
+        ["exploit", "explore", "rebalance", "replicate"]
+            .contains(&route.attr("decision").unwrap().as_str()),
+        "{:?}",
+        route.attr("decision")
+    );
+    assert_eq!(route.attr("cached_tokens").as_deref(), Some("0"));
+    assert!(!route.attr("reason").unwrap_or_default().is_empty());
+    // What the gateway and the worker learned.
+    assert_eq!(gateway.attr("stream").as_deref(), Some("true"));
+    assert_eq!(gateway.attr("completion_tokens").as_deref(), Some("6"));
+    assert_eq!(worker.attr("completion_tokens").as_deref(), Some("6"));
+    assert_eq!(worker.attr("finish_reason").as_deref(), Some("length"));
+    let prompt = worker.attr("prompt_tokens").unwrap();
+    let prefill = one("worker.prefill");
+    assert_eq!(prefill.attr("computed_tokens"), Some(prompt));
+    assert_eq!(prefill.attr("reused_tokens").as_deref(), Some("0"));
+}
