@@ -155,6 +155,13 @@ enum Command {
         /// Only the open-loop phase (real-time GPUs, `concurrency` streams open).
         #[arg(long)]
         open_loop_only: bool,
+        /// Instead: the throughput cost of exporting every span over OTLP, tracing off vs on
+        /// in alternating rounds.
+        #[arg(long)]
+        tracing_overhead: bool,
+        /// Rounds of the tracing comparison.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
 }
 
@@ -574,8 +581,20 @@ async fn main() -> Result<()> {
             concurrency,
             requests,
             open_loop_only,
+            tracing_overhead,
+            rounds,
         } => {
             use preble_loadtest::path_bench::{open_loop_overhead, path_bench};
+            if tracing_overhead {
+                preble_loadtest::path_bench::tracing_overhead(
+                    workers,
+                    concurrency,
+                    requests,
+                    rounds,
+                )
+                .await?;
+                return Ok(());
+            }
             if !open_loop_only {
                 path_bench(workers, concurrency, requests).await?;
             }

@@ -351,3 +351,86 @@ where
 fn mean(counts: &[usize]) -> f64 {
     counts.iter().sum::<usize>() as f64 / counts.len().max(1) as f64
 }
+
+/// Throughput cost of tracing: the saturated `max_tokens` 1 phase on a stack exporting every
+/// span over OTLP (HTTP/protobuf, as to Jaeger) to a sink in this process, against the same
+/// stack with export off, alternating `rounds` times (and which goes first) so drift hits
+/// both alike.
+pub async fn tracing_overhead(
+    workers: usize,
+    concurrency: usize,
+    requests: usize,
+    rounds: usize,
+) -> Result<()> {
+    let (endpoint, exported_bytes) = start_otlp_sink().await?;
+    let traced_env = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT".to_string(), endpoint),
+        (
+            "OTEL_EXPORTER_OTLP_PROTOCOL".to_string(),
+            "http/protobuf".to_string(),
+        ),
+    ];
+    let mut rates = [Vec::new(), Vec::new()];
+    for round in 0..rounds {
+        // Alternate which goes first: a stack started right after another runs beside its
+        // predecessor's teardown.
+        let mut order = [(false, Vec::new()), (true, traced_env.clone())];
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for (traced, env) in order {
+            let cluster = TestCluster::start(Options {
+                workers,
+                time_scale: 0.0,
+                env,
+                ..Options::default()
+            })
+            .await?;
+            // Warm the connections and caches first.
+            run_phase(&cluster, concurrency, concurrency * 2, false).await?;
+            let (_, elapsed) = run_phase(&cluster, concurrency, requests, false).await?;
+            let rate = requests as f64 / elapsed.as_secs_f64();
+            println!(
+                "round {}: tracing {}: {rate:.0} req/s",
+                round + 1,
+                if traced { "on " } else { "off" }
+            );
+            rates[usize::from(traced)].push(rate);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (off, on) = (median(&mut rates[0]), median(&mut rates[1]));
+    println!(
+        "medians over {rounds} rounds: tracing off {off:.0} req/s, on {on:.0} req/s: {:.1}% throughput lost ({} KiB of spans exported)",
+        (1.0 - on / off) * 100.0,
+        exported_bytes.load(std::sync::atomic::Ordering::Relaxed) / 1024
+    );
+    if exported_bytes.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        bail!("no span reached the OTLP sink: tracing was not on");
+    }
+    Ok(())
+}
+
+/// An OTLP/HTTP endpoint on loopback that accepts and drops spans, counting their bytes.
+async fn start_otlp_sink() -> Result<(String, Arc<std::sync::atomic::AtomicU64>)> {
+    use axum::{Router, body::Bytes, extract::State, routing::post};
+    let bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let app = Router::new()
+        .route(
+            "/v1/traces",
+            post(
+                |State(count): State<Arc<std::sync::atomic::AtomicU64>>, body: Bytes| async move {
+                    count.fetch_add(body.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    ""
+                },
+            ),
+        )
+        .with_state(bytes.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((format!("http://{address}"), bytes))
+}

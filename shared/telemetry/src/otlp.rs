@@ -11,6 +11,24 @@ use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::Layer;
 use tracing_subscriber::registry::LookupSpan;
 
+/// The OpenTelemetry environment variables every preble binary honours (through the
+/// OpenTelemetry SDK and its OTLP exporter).
+pub const ENV_VARS: [&str; 13] = [
+    "OTEL_SDK_DISABLED",
+    "OTEL_SERVICE_NAME",
+    "OTEL_RESOURCE_ATTRIBUTES",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_HEADERS",
+    "OTEL_EXPORTER_OTLP_TIMEOUT",
+    "OTEL_BSP_SCHEDULE_DELAY",
+    "OTEL_BSP_MAX_QUEUE_SIZE",
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+    "OTEL_TRACES_SAMPLER",
+    "OTEL_TRACES_SAMPLER_ARG",
+];
+
 /// Keeps span export alive; [`TracingGuard::shutdown`] flushes what is still buffered.
 #[derive(Default)]
 pub struct TracingGuard {
@@ -85,7 +103,18 @@ where
         .build();
     let tracer = provider.tracer(service.to_string());
     opentelemetry::global::set_tracer_provider(provider.clone());
-    let layer = tracing_opentelemetry::layer().with_tracer(tracer);
+    // Only spans, and only what the spans themselves say: location, thread, target and
+    // busy/idle attributes cost time on every span and tell an operator nothing here.
+    let layer = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_location(false)
+        .with_threads(false)
+        .with_target(false)
+        .with_tracked_inactivity(false)
+        .with_context_activation(false)
+        .with_filter(tracing_subscriber::filter::filter_fn(|metadata| {
+            metadata.is_span()
+        }));
     Ok(Some((
         layer,
         TracingGuard {
