@@ -112,9 +112,12 @@ where
         .with_target(false)
         .with_tracked_inactivity(false)
         .with_context_activation(false)
-        .with_filter(tracing_subscriber::filter::filter_fn(|metadata| {
-            metadata.is_span()
-        }));
+        .with_filter(
+            tracing_subscriber::filter::filter_fn(|metadata| metadata.is_span())
+                // Without a hint the stack's level hint is lost, and every `debug!` and
+                // `trace!` in every crate gets past the static level check.
+                .with_max_level_hint(tracing::level_filters::LevelFilter::INFO),
+        );
     Ok(Some((
         layer,
         TracingGuard {
