@@ -206,7 +206,12 @@ impl Cluster {
             .collect()
     }
 
-    /// Outstanding requests per worker (for metrics).
+    /// Each worker's load (for metrics).
+    pub fn loads(&self) -> impl Iterator<Item = (&str, &WorkerLoad)> {
+        self.workers.iter().map(|(id, w)| (id.as_str(), &w.load))
+    }
+
+    /// Outstanding requests per worker.
     pub fn outstanding_by_worker(&self) -> impl Iterator<Item = (&str, u32)> {
         self.workers
             .iter()

@@ -31,6 +31,14 @@ pub struct Metrics {
     pub persist: crate::persist::PersistMetrics,
     /// Tokens of the prefix tree restored from Redis at start.
     pub tree_tokens_restored: IntGauge,
+    /// Nodes of the policy's prefix tree.
+    pub tree_nodes: IntGauge,
+    /// Tokens of the policy's prefix tree.
+    pub tree_tokens: IntGauge,
+    /// Each worker's own estimate of the time to drain its queue (from its load reports).
+    pub worker_drain_ms: IntGaugeVec,
+    /// Tree ops and snapshots queued for Redis and not yet written (persistence lag).
+    pub persistence_pending_writes: IntGauge,
 }
 
 impl Metrics {
@@ -153,6 +161,41 @@ impl Metrics {
                     ),
                     &["worker"],
                 )
+                .expect("valid metric"),
+            ),
+            tree_nodes: reg(
+                &registry,
+                IntGauge::with_opts(opts(
+                    "preble:scheduler_tree_nodes",
+                    "Nodes of the policy's prefix tree",
+                ))
+                .expect("valid metric"),
+            ),
+            tree_tokens: reg(
+                &registry,
+                IntGauge::with_opts(opts(
+                    "preble:scheduler_tree_tokens",
+                    "Tokens of the policy's prefix tree",
+                ))
+                .expect("valid metric"),
+            ),
+            worker_drain_ms: reg(
+                &registry,
+                IntGaugeVec::new(
+                    opts(
+                        "preble:scheduler_worker_load_estimate_ms",
+                        "Each worker's estimate of the time to drain its queue, from its load reports",
+                    ),
+                    &["worker"],
+                )
+                .expect("valid metric"),
+            ),
+            persistence_pending_writes: reg(
+                &registry,
+                IntGauge::with_opts(opts(
+                    "preble:scheduler_persistence_pending_writes",
+                    "Tree ops and snapshots queued for Redis, not yet written (persistence lag)",
+                ))
                 .expect("valid metric"),
             ),
             event_gaps: reg(

@@ -173,6 +173,11 @@ impl Persistence {
         }
     }
 
+    /// Writes queued and not yet done (how far Redis lags behind the tree).
+    pub fn pending_writes(&self) -> usize {
+        self.writes.max_capacity() - self.writes.capacity()
+    }
+
     /// Asks for a snapshot at the next opportunity.
     pub fn want_snapshot(&self) {
         self.snapshot_wanted.store(true, Ordering::Relaxed);

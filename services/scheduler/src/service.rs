@@ -558,6 +558,10 @@ impl Router {
                 .outstanding
                 .remove_label_values(&[&worker])
                 .ok();
+            self.metrics
+                .worker_drain_ms
+                .remove_label_values(&[&worker])
+                .ok();
             for (request_id, outstanding) in owed {
                 self.send_error(
                     &request_id,
@@ -572,6 +576,21 @@ impl Router {
                 .outstanding
                 .with_label_values(&[worker])
                 .set(i64::from(n));
+        }
+        for (worker, load) in self.cluster.loads() {
+            self.metrics
+                .worker_drain_ms
+                .with_label_values(&[worker])
+                .set(load.reported_drain_ms.round() as i64);
+        }
+        if let Some(size) = self.policy.tree_size() {
+            self.metrics.tree_nodes.set(size.nodes as i64);
+            self.metrics.tree_tokens.set(size.tokens as i64);
+        }
+        if let Some(p) = &self.persistence {
+            self.metrics
+                .persistence_pending_writes
+                .set(p.pending_writes() as i64);
         }
         self.metrics
             .live_workers

@@ -233,6 +233,12 @@ impl EngineLoop {
                 seq.payload.started_at = Some(began);
                 let reused = seq.cached_prompt_tokens();
                 self.metrics.prefix_hit_tokens.inc_by(u64::from(reused));
+                self.metrics
+                    .prefix_cache_queries
+                    .inc_by(u64::from(seq.prompt_len()));
+                self.metrics
+                    .request_queue_time
+                    .observe(began.duration_since(seq.payload.accepted_at).as_secs_f64());
                 let prefill = tracing::info_span!(
                     parent: &seq.payload.span,
                     "worker.prefill",
@@ -408,6 +414,12 @@ impl EngineLoop {
             }
             _ => 0.0,
         };
+        if tpot_ms > 0.0 {
+            self.metrics.time_per_output_token.observe(tpot_ms / 1e3);
+        }
+        self.metrics
+            .e2e_request_latency
+            .observe(active.accepted_at.elapsed().as_secs_f64());
         let _ = self.events.send(Outgoing::Event(WorkerEventBody::Finished(
             FinishedRequest {
                 request_id: active.request_id,
@@ -476,6 +488,9 @@ impl EngineLoop {
         self.metrics
             .kv_used_tokens
             .set((capacity - load.free_slots) as i64);
+        self.metrics
+            .kv_cache_usage
+            .set((capacity - load.free_slots) as f64 / capacity.max(1) as f64);
         self.metrics.kv_cached_tokens.set(load.cached_tokens as i64);
         let remaining_decode_steps = self
             .sched

@@ -41,6 +41,16 @@ pub struct Metrics {
     pub malformed_messages: IntCounter,
     /// Worker-side time to first token.
     pub time_to_first_token: Histogram,
+    /// Time per output token after the first, per request.
+    pub time_per_output_token: Histogram,
+    /// Worker-side time from acceptance to the end, per request.
+    pub e2e_request_latency: Histogram,
+    /// Time from acceptance to the first iteration that computed part of the request.
+    pub request_queue_time: Histogram,
+    /// Prompt tokens looked up in the prefix cache (hit ratio = hits / queries).
+    pub prefix_cache_queries: IntCounter,
+    /// Fraction of KV slots in use, 0 to 1.
+    pub kv_cache_usage: prometheus::Gauge,
     /// Duration of engine iterations.
     pub iteration_seconds: Histogram,
 }
@@ -146,6 +156,33 @@ impl Metrics {
                 "preble:time_to_first_token_seconds",
                 "Worker-side time from acceptance to first token",
             ),
+            time_per_output_token: histogram(
+                "preble:time_per_output_token_seconds",
+                "Time per output token after the first, per request",
+            ),
+            e2e_request_latency: histogram(
+                "preble:e2e_request_latency_seconds",
+                "Worker-side time from acceptance to the end of a request",
+            ),
+            request_queue_time: histogram(
+                "preble:request_queue_time_seconds",
+                "Time from acceptance to the first iteration computing the request",
+            ),
+            prefix_cache_queries: counter(
+                "preble:prefix_cache_queries_total",
+                "Prompt tokens looked up in the prefix cache (hits / queries = hit ratio)",
+            ),
+            kv_cache_usage: {
+                let g = prometheus::Gauge::with_opts(Opts::new(
+                    "preble:kv_cache_usage_perc",
+                    "Fraction of KV-cache slots in use (0 to 1)",
+                ))
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
             iteration_seconds: histogram("preble:iteration_seconds", "Engine iteration time"),
             registry,
         }

@@ -123,6 +123,10 @@ impl Policy for CacheAware {
         })
     }
 
+    fn tree_size(&self) -> Option<crate::TreeSize> {
+        Some(self.mirror.size())
+    }
+
     fn export(&self) -> Vec<crate::ExportedSpan> {
         self.mirror.export()
     }

@@ -432,6 +432,10 @@ impl Policy for E2 {
         })
     }
 
+    fn tree_size(&self) -> Option<crate::TreeSize> {
+        Some(self.mirror.size())
+    }
+
     fn export(&self) -> Vec<crate::ExportedSpan> {
         self.mirror.export()
     }

@@ -108,6 +108,10 @@ impl Policy for KvCost {
         })
     }
 
+    fn tree_size(&self) -> Option<crate::TreeSize> {
+        Some(self.mirror.size())
+    }
+
     fn export(&self) -> Vec<crate::ExportedSpan> {
         self.mirror.export()
     }

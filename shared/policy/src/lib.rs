@@ -60,6 +60,20 @@ pub trait Policy: Send {
     fn export(&self) -> Vec<ExportedSpan> {
         Vec::new()
     }
+
+    /// Size of the policy's prefix tree, for metrics (`None` for policies without one).
+    fn tree_size(&self) -> Option<TreeSize> {
+        None
+    }
+}
+
+/// How big a policy's prefix tree is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TreeSize {
+    /// Nodes.
+    pub nodes: usize,
+    /// Tokens on all edges.
+    pub tokens: u64,
 }
 
 /// The policies a scheduler can run, by command-line name.

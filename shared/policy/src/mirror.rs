@@ -62,6 +62,14 @@ impl Mirror {
         Ok(w)
     }
 
+    /// Nodes and tokens of the tree.
+    pub fn size(&self) -> crate::TreeSize {
+        crate::TreeSize {
+            nodes: self.tree.node_count(),
+            tokens: self.tree.total_tokens(),
+        }
+    }
+
     /// Everything the workers hold, parents first, by worker id (see [`ExportedSpan`]).
     pub fn export(&self) -> Vec<ExportedSpan> {
         let mut names: Vec<Option<&str>> = vec![None; self.next];
