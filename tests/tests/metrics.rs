@@ -169,4 +169,41 @@ async fn counters_move_by_exactly_the_traffic() {
         Ok(())
     })
     .await;
+
+    // Every metric the Grafana dashboard charts is one a service exposes.
+    let mut exposed = String::new();
+    let mut urls = vec![gateway.clone(), c.scheduler_metrics.clone()];
+    urls.extend(c.workers.iter().map(|w| w.metrics_url.clone()));
+    for url in urls {
+        exposed.push_str(&reqwest::get(&url).await.unwrap().text().await.unwrap());
+    }
+    let dashboard = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../docker/grafana/dashboards/preble.json"),
+    )
+    .unwrap();
+    let mut charted = std::collections::BTreeSet::new();
+    for (start, _) in dashboard.match_indices("preble:") {
+        let name: String = dashboard[start..]
+            .chars()
+            .take_while(|ch| ch.is_ascii_alphanumeric() || *ch == '_' || *ch == ':')
+            .collect();
+        charted.insert(name);
+    }
+    assert!(charted.len() >= 10, "{charted:?}");
+    for name in charted {
+        let is_series = |line: &str| {
+            line.strip_prefix(name.as_str()).is_some_and(|rest| {
+                let rest = ["_bucket", "_count", "_sum"]
+                    .iter()
+                    .find_map(|suffix| rest.strip_prefix(suffix))
+                    .unwrap_or(rest);
+                rest.starts_with(' ') || rest.starts_with('{')
+            })
+        };
+        assert!(
+            exposed.lines().any(is_series),
+            "the dashboard charts {name}, which no service exposes"
+        );
+    }
 }
