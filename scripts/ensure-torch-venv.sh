@@ -9,9 +9,10 @@ TORCH_VERSION=2.13.0
 TRANSFORMERS_VERSION="${PREBLE_TRANSFORMERS_VERSION:-4.57.6}"
 
 if [ ! -x "$VENV/bin/python" ]; then
-  if ! python3 -m venv --help >/dev/null 2>&1; then
+  if ! python3 -c "import ensurepip, venv" >/dev/null 2>&1; then
     sudo_cmd=""; [ "$(id -u)" = 0 ] || sudo_cmd="sudo"
-    $sudo_cmd apt-get install -y python3-venv >&2
+    $sudo_cmd apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq python3-venv >&2
   fi
   echo "creating $VENV" >&2
   python3 -m venv "$VENV"

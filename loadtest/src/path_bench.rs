@@ -388,12 +388,30 @@ pub async fn tracing_overhead(
             .await?;
             // Warm the connections and caches first.
             run_phase(&cluster, concurrency, concurrency * 2, false).await?;
+            let mut pids = cluster.pids();
+            pids.extend(process_named("nats-server").map(|pid| ("nats".to_string(), pid)));
+            let cpu_before: Vec<f64> = pids.iter().map(|(_, pid)| cpu_seconds(*pid)).collect();
             let (_, elapsed) = run_phase(&cluster, concurrency, requests, false).await?;
             let rate = requests as f64 / elapsed.as_secs_f64();
+            let mut per_role = std::collections::BTreeMap::<String, f64>::new();
+            for ((role, pid), before) in pids.iter().zip(cpu_before) {
+                let role = if role.starts_with("gpu-") {
+                    "workers"
+                } else {
+                    role
+                };
+                *per_role.entry(role.to_string()).or_default() +=
+                    (cpu_seconds(*pid) - before) * 1e6 / requests as f64;
+            }
+            let cpu: Vec<String> = per_role
+                .iter()
+                .map(|(role, us)| format!("{role} {us:.0}"))
+                .collect();
             println!(
-                "round {}: tracing {}: {rate:.0} req/s",
+                "round {}: tracing {}: {rate:.0} req/s; CPU µs per request: {}",
                 round + 1,
-                if traced { "on " } else { "off" }
+                if traced { "on " } else { "off" },
+                cpu.join(", ")
             );
             rates[usize::from(traced)].push(rate);
         }
@@ -433,4 +451,37 @@ async fn start_otlp_sink() -> Result<(String, Arc<std::sync::atomic::AtomicU64>)
         .with_state(bytes.clone());
     tokio::spawn(async move { axum::serve(listener, app).await });
     Ok((format!("http://{address}"), bytes))
+}
+
+/// CPU time (user + system) a process has used, in seconds (0 if it cannot be read).
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat; here (after pid and comm) 11 and 12.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The id of a running process whose command name is `name` (the first found).
+fn process_named(name: &str) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+            (comm.trim() == name).then_some(pid)
+        })
 }

@@ -291,6 +291,20 @@ impl TestCluster {
         out
     }
 
+    /// Process ids of the running services, by role (`gateway`, `scheduler`, worker ids).
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        let mut out: Vec<(String, u32)> = self
+            .children
+            .iter()
+            .map(|c| ("gateway".to_string(), c.id()))
+            .collect();
+        if let Some(s) = &self.scheduler {
+            out.push(("scheduler".to_string(), s.id()));
+        }
+        out.extend(self.workers.iter().map(|w| (w.id.clone(), w.child.id())));
+        out
+    }
+
     /// Sum of a metric over every worker.
     pub async fn worker_sum(&self, metric: &str) -> f64 {
         let mut total = 0.0;
