@@ -32,6 +32,30 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// The project's tiny Llama (`PREBLE_TINY_MODEL_DIR`, default `models/tiny-llama`); panics with
+/// what to run when it has not been made.
+pub fn tiny_model_dir() -> PathBuf {
+    let dir = std::env::var_os("PREBLE_TINY_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-llama"));
+    assert!(
+        dir.join("model.safetensors").exists(),
+        "{} has no tiny model: run `make tiny-model` (make test-torch does)",
+        dir.display()
+    );
+    dir
+}
+
+/// The PyTorch virtualenv the torch engine builds against (`PREBLE_TORCH_VENV`, default
+/// `~/.cache/preble/torch-venv`, as `scripts/ensure-torch-venv.sh` makes it).
+pub fn torch_venv() -> PathBuf {
+    std::env::var_os("PREBLE_TORCH_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/preble/torch-venv")
+        })
+}
+
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

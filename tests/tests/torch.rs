@@ -8,23 +8,9 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use common::*;
-use preble_tests::{Options, TestCluster};
+use preble_tests::{Options, TestCluster, tiny_model_dir};
 use serde_json::json;
-
-fn tiny_model_dir() -> PathBuf {
-    let dir = std::env::var_os("PREBLE_TINY_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-llama"));
-    assert!(
-        dir.join("model.safetensors").exists(),
-        "{} has no tiny model: run `make tiny-model` (make test-torch does)",
-        dir.display()
-    );
-    dir
-}
 
 #[tokio::test]
 async fn torch_workers_answer_chat_and_reuse_cached_prefixes() {

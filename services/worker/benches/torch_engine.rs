@@ -120,11 +120,7 @@ fn main() {
         "{} has no model: run `make bench-model`",
         model_dir.display()
     );
-    let venv = std::env::var_os("PREBLE_TORCH_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/preble/torch-venv")
-        });
+    let venv = preble_tests::torch_venv();
     let device = std::env::var("PREBLE_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
 
     eprintln!("transformers baseline on {} ...", model_dir.display());

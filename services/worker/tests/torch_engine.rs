@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use preble_costmodel::Profile;
+use preble_tests::{tiny_model_dir, torch_venv};
 use preble_worker::engine::llama_config::ModelError;
 use preble_worker::engine::sampling::argmax;
 use preble_worker::engine::torch::model::{LogitsOf, SeqInput};
@@ -20,27 +21,8 @@ use tch::Tensor;
 /// Logits of our engine and of transformers agree this closely in f32.
 const LOGIT_TOLERANCE: f32 = 1e-4;
 
-fn tiny_model_dir() -> PathBuf {
-    let dir = std::env::var_os("PREBLE_TINY_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama")
-        });
-    assert!(
-        dir.join("model.safetensors").exists(),
-        "{} has no tiny model: run `make tiny-model` (make test-torch does)",
-        dir.display()
-    );
-    dir
-}
-
 fn torch_python() -> PathBuf {
-    let venv = std::env::var_os("PREBLE_TORCH_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/preble/torch-venv")
-        });
-    let python = venv.join("bin/python");
+    let python = torch_venv().join("bin/python");
     assert!(
         python.exists(),
         "{} is missing: run `make torch-env` (make test-torch does)",
