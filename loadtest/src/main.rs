@@ -155,8 +155,8 @@ enum Command {
         /// Only the open-loop phase (real-time GPUs, `concurrency` streams open).
         #[arg(long)]
         open_loop_only: bool,
-        /// Instead: the throughput cost of exporting every span over OTLP, tracing off vs on
-        /// in alternating rounds.
+        /// Instead: the throughput cost of span export over OTLP: tracing off, every request
+        /// traced and a tenth traced, in rotating rounds.
         #[arg(long)]
         tracing_overhead: bool,
         /// Rounds of the tracing comparison.

@@ -352,10 +352,21 @@ fn mean(counts: &[usize]) -> f64 {
     counts.iter().sum::<usize>() as f64 / counts.len().max(1) as f64
 }
 
-/// Throughput cost of tracing: the saturated `max_tokens` 1 phase on a stack exporting every
-/// span over OTLP (HTTP/protobuf, as to Jaeger) to a sink in this process, against the same
-/// stack with export off, alternating `rounds` times (and which goes first) so drift hits
-/// both alike.
+/// The orders in which the tracing comparison runs its three configurations.
+const ORDERS: [[usize; 3]; 6] = [
+    [0, 1, 2],
+    [1, 2, 0],
+    [2, 0, 1],
+    [0, 2, 1],
+    [2, 1, 0],
+    [1, 0, 2],
+];
+
+/// Throughput cost of tracing: the saturated `max_tokens` 1 phase on a stack with span export
+/// off, one exporting every request's spans over OTLP (HTTP/protobuf, as to Jaeger) to a sink
+/// in this process, and one sampling a tenth of the requests
+/// (`parentbased_traceidratio` 0.1), in `rounds` rounds that go through every order of the
+/// three (use a multiple of 6) so drift hits all alike.
 pub async fn tracing_overhead(
     workers: usize,
     concurrency: usize,
@@ -363,26 +374,36 @@ pub async fn tracing_overhead(
     rounds: usize,
 ) -> Result<()> {
     let (endpoint, exported_bytes) = start_otlp_sink().await?;
-    let traced_env = vec![
-        ("OTEL_EXPORTER_OTLP_ENDPOINT".to_string(), endpoint),
+    let export = |sampler: &str, ratio: &str| {
+        [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_TRACES_SAMPLER", sampler),
+            ("OTEL_TRACES_SAMPLER_ARG", ratio),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .to_vec()
+    };
+    let configurations = [
+        ("tracing off", Vec::new()),
+        ("every request traced", export("parentbased_always_on", "1")),
         (
-            "OTEL_EXPORTER_OTLP_PROTOCOL".to_string(),
-            "http/protobuf".to_string(),
+            "10% of requests traced",
+            export("parentbased_traceidratio", "0.1"),
         ),
     ];
-    let mut rates = [Vec::new(), Vec::new()];
+    let mut rates = vec![Vec::new(); configurations.len()];
     for round in 0..rounds {
-        // Alternate which goes first: a stack started right after another runs beside its
-        // predecessor's teardown.
-        let mut order = [(false, Vec::new()), (true, traced_env.clone())];
-        if round % 2 == 1 {
-            order.reverse();
-        }
-        for (traced, env) in order {
+        // Every order in turn, so that each configuration follows each other one equally
+        // often (a stack runs beside what its predecessor left: JetStream state, exported
+        // spans still arriving at the sink), with a pause for the machine to settle.
+        for &index in &ORDERS[round % ORDERS.len()] {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let (name, env) = &configurations[index];
             let cluster = TestCluster::start(Options {
                 workers,
                 time_scale: 0.0,
-                env,
+                env: env.clone(),
                 ..Options::default()
             })
             .await?;
@@ -408,25 +429,30 @@ pub async fn tracing_overhead(
                 .map(|(role, us)| format!("{role} {us:.0}"))
                 .collect();
             println!(
-                "round {}: tracing {}: {rate:.0} req/s; CPU µs per request: {}",
+                "round {}: {name}: {rate:.0} req/s; CPU µs per request: {}",
                 round + 1,
-                if traced { "on " } else { "off" },
                 cpu.join(", ")
             );
-            rates[usize::from(traced)].push(rate);
+            rates[index].push(rate);
         }
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let (off, on) = (median(&mut rates[0]), median(&mut rates[1]));
-    println!(
-        "medians over {rounds} rounds: tracing off {off:.0} req/s, on {on:.0} req/s: {:.1}% throughput lost ({} KiB of spans exported)",
-        (1.0 - on / off) * 100.0,
-        exported_bytes.load(std::sync::atomic::Ordering::Relaxed) / 1024
-    );
-    if exported_bytes.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+    let medians: Vec<f64> = rates
+        .iter_mut()
+        .map(|v| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        })
+        .collect();
+    println!("medians over {rounds} rounds:");
+    for ((name, _), rate) in configurations.iter().zip(&medians) {
+        println!(
+            "  {name}: {rate:.0} req/s, {:.1}% throughput lost",
+            (1.0 - rate / medians[0]) * 100.0
+        );
+    }
+    let exported = exported_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    println!("{} KiB of spans exported", exported / 1024);
+    if exported == 0 {
         bail!("no span reached the OTLP sink: tracing was not on");
     }
     Ok(())

@@ -1,7 +1,8 @@
 //! One trace per request across the services: an OTLP/HTTP (JSON) receiver runs inside the
 //! test, the real gateway, scheduler and worker export to it, and one streaming request must
 //! arrive as one trace with the right spans, parent links across both NATS hops, and the
-//! routing decision on the scheduler's span.
+//! routing decision on the scheduler's span; and with sampling, a request is traced in every
+//! service or in none, following a caller's own trace context.
 
 mod common;
 
@@ -128,14 +129,7 @@ async fn one_request_is_one_trace_across_gateway_scheduler_and_worker() {
             .to_string()
     };
 
-    let wanted = [
-        "gateway.request",
-        "scheduler.route",
-        "worker.request",
-        "worker.queue",
-        "worker.prefill",
-        "worker.decode",
-    ];
+    let wanted = REQUEST_SPANS;
     let deadline = Instant::now() + Duration::from_secs(20);
     let spans = loop {
         let spans = received.lock().unwrap().clone();
@@ -221,4 +215,107 @@ async fn one_request_is_one_trace_across_gateway_scheduler_and_worker() {
     let prefill = one("worker.prefill");
     assert_eq!(prefill.attr("computed_tokens"), Some(prompt));
     assert_eq!(prefill.attr("reused_tokens").as_deref(), Some("0"));
+}
+
+/// The six spans of one traced request.
+const REQUEST_SPANS: [&str; 6] = [
+    "gateway.request",
+    "scheduler.route",
+    "worker.request",
+    "worker.queue",
+    "worker.prefill",
+    "worker.decode",
+];
+
+#[tokio::test]
+async fn sampling_is_decided_once_per_request_and_follows_a_callers_trace() {
+    let (endpoint, received) = start_receiver().await;
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+        ("OTEL_TRACES_SAMPLER_ARG", "0.5"),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .to_vec();
+    let c = TestCluster::start(Options {
+        workers: 2,
+        env,
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let completion =
+        |i: usize| json!({"model": c.model, "prompt": format!("request {i}"), "max_tokens": 3});
+    let sent = 30;
+    for i in 0..sent {
+        let (status, body) = common::post(&c.gateway, "/v1/completions", &completion(i)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    // Callers that bring their own trace context: one sampled, one not.
+    let sampled_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let unsampled_trace = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let caller_span = "00f067aa0ba902b7";
+    for (trace, flags) in [(sampled_trace, "01"), (unsampled_trace, "00")] {
+        let response = reqwest::Client::new()
+            .post(format!("{}/v1/completions", c.gateway))
+            .header("traceparent", format!("00-{trace}-{caller_span}-{flags}"))
+            .json(&completion(sent))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+
+    // Wait for the caller's trace, then for the export to go quiet.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last_count = 0;
+    let mut quiet_since = Instant::now();
+    let spans = loop {
+        let spans = received.lock().unwrap().clone();
+        let callers = spans
+            .iter()
+            .filter(|s| s.id("traceId") == sampled_trace)
+            .count();
+        if spans.len() != last_count {
+            last_count = spans.len();
+            quiet_since = Instant::now();
+        }
+        if callers == REQUEST_SPANS.len() && quiet_since.elapsed() > Duration::from_secs(1) {
+            break spans;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{callers} spans of the caller's trace; logs:\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    // Every trace that was recorded is whole: a request is traced everywhere or nowhere.
+    let mut traces = std::collections::BTreeMap::<String, Vec<&str>>::new();
+    for span in &spans {
+        traces
+            .entry(span.id("traceId"))
+            .or_default()
+            .push(span.name());
+    }
+    for (trace, names) in &traces {
+        let mut names = names.clone();
+        names.sort_unstable();
+        let mut wanted = REQUEST_SPANS.to_vec();
+        wanted.sort_unstable();
+        assert_eq!(names, wanted, "trace {trace}");
+    }
+    // About half of the requests without a caller's context are traced (the chance that none
+    // or all of 30 are is 2 in a billion), the caller's sampled one is, its unsampled one not.
+    assert!(!traces.contains_key(unsampled_trace));
+    let own = traces.len() - 1;
+    assert!(0 < own && own < sent, "{own} of {sent} traced");
+    let gateway = spans
+        .iter()
+        .find(|s| s.id("traceId") == sampled_trace && s.name() == "gateway.request")
+        .unwrap();
+    assert_eq!(gateway.id("parentSpanId"), caller_span);
 }

@@ -9,7 +9,7 @@ use axum::{
     Json, Router,
     body::Bytes,
     extract::{Request, State},
-    http::header,
+    http::{HeaderMap, header},
     middleware::{self, Next},
     response::{IntoResponse, Response, sse::Event, sse::Sse},
     routing::{get, post},
@@ -146,7 +146,11 @@ async fn list_models(State(state): State<Arc<AppState>>) -> Json<serde_json::Val
     Json(json!({ "object": "list", "data": data }))
 }
 
-async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+async fn completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let result = async {
         let request: CompletionRequest = openai::parse_request(&body)?;
         let generation = request.params.validate(16)?;
@@ -166,10 +170,14 @@ async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Respons
         Ok((model, prompt, generation))
     }
     .await;
-    respond(&state, Endpoint::Completions, result).await
+    respond(&state, Endpoint::Completions, result, &headers).await
 }
 
-async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let result = async {
         let request: ChatRequest = openai::parse_request(&body)?;
         let model = state.models.get(&request.model)?;
@@ -186,25 +194,30 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Re
         Ok((model, prompt, generation))
     }
     .await;
-    respond(&state, Endpoint::Chat, result).await
+    respond(&state, Endpoint::Chat, result, &headers).await
 }
 
 type Prepared = (Arc<ServedModel>, Vec<u32>, Generation);
 
-/// Submits a prepared request and answers it, streaming or not.
+/// Submits a prepared request and answers it, streaming or not. `headers` are the HTTP
+/// request's: a W3C trace context in them makes the request's trace part of the caller's.
 async fn respond(
     state: &Arc<AppState>,
     endpoint: Endpoint,
     prepared: Result<Prepared, ApiError>,
+    headers: &HeaderMap,
 ) -> Response {
     let label = match endpoint {
         Endpoint::Completions => "completions",
         Endpoint::Chat => "chat",
     };
     let response = match prepared {
-        Ok((model, prompt, generation)) => serve(state, endpoint, model, prompt, generation)
-            .await
-            .unwrap_or_else(IntoResponse::into_response),
+        Ok((model, prompt, generation)) => {
+            let caller_trace = preble_telemetry::propagation::from_http(headers);
+            serve(state, endpoint, model, prompt, generation, caller_trace)
+                .await
+                .unwrap_or_else(IntoResponse::into_response)
+        }
         Err(e) => e.into_response(),
     };
     state
@@ -237,6 +250,7 @@ async fn serve(
     model: Arc<ServedModel>,
     prompt: Vec<u32>,
     generation: Generation,
+    caller_trace: Option<async_nats::HeaderMap>,
 ) -> Result<Response, ApiError> {
     let in_flight = InFlight::new(&state.metrics);
     let started = Instant::now();
@@ -248,6 +262,7 @@ async fn serve(
             prompt,
             generation.sampling.clone(),
             generation.user.clone(),
+            caller_trace.as_ref(),
         )
         .await?;
     submitted.span().record("stream", generation.stream);

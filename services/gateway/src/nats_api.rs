@@ -40,7 +40,8 @@ pub async fn serve(client: Client, state: Arc<AppState>) {
             };
             match decode::<ApiRequest>(&message.payload) {
                 Ok(request) => {
-                    if let Err(e) = generate(&state, request, &mut out).await {
+                    let caller_trace = message.headers.as_ref();
+                    if let Err(e) = generate(&state, request, caller_trace, &mut out).await {
                         out.send(ApiEventBody::Error {
                             code: e.code,
                             message: e.message,
@@ -88,9 +89,12 @@ impl Replier {
     }
 }
 
+/// Serves one NATS API request; `caller_trace` is the request message's headers (a W3C trace
+/// context in them makes the request's trace part of the caller's).
 async fn generate(
     state: &AppState,
     request: ApiRequest,
+    caller_trace: Option<&async_nats::HeaderMap>,
     out: &mut Replier,
 ) -> Result<(), ApiError> {
     let model = state.models.get(&request.model)?;
@@ -126,7 +130,13 @@ async fn generate(
     let prompt_len = prompt.len() as u32;
     let submitted = state
         .relay
-        .submit(&model.name, prompt, generation.sampling, generation.user)
+        .submit(
+            &model.name,
+            prompt,
+            generation.sampling,
+            generation.user,
+            caller_trace,
+        )
         .await?;
     submitted.span().record("stream", true);
     out.request_id = submitted.request_id().to_string();

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use async_nats::{Client, Subscriber, jetstream};
+use async_nats::{Client, HeaderMap, Subscriber, jetstream};
 use futures::StreamExt;
 use preble_protocol::{
     Cancel, ErrorCode, FinishReason, GenerateRequest, SamplingParams, StreamBody, StreamMessage,
@@ -65,31 +65,34 @@ impl Relay {
     }
 
     /// Submits a request; its stream starts immediately. The request's trace starts here
-    /// (span `gateway.request`, ended when the [`Generation`] is dropped) and travels in the
-    /// NATS headers.
+    /// (span `gateway.request`, ended when the [`Generation`] is dropped; a child of the
+    /// caller's trace when `caller_trace` carries one) and travels in the NATS headers.
     pub async fn submit(
         &self,
         model: &str,
         prompt_tokens: Vec<u32>,
         sampling: SamplingParams,
         user: Option<String>,
+        caller_trace: Option<&HeaderMap>,
     ) -> Result<Generation, ApiError> {
         let request_id = uuid::Uuid::new_v4().simple().to_string();
         let stream_subject = self.subjects.stream(&request_id);
-        let span = tracing::info_span!(
-            "gateway.request",
-            otel.kind = "server",
-            otel.status_code = Empty,
-            request_id = %request_id,
-            model = %model,
-            prompt_tokens = prompt_tokens.len(),
-            max_tokens = sampling.max_tokens,
-            stream = Empty,
-            finish_reason = Empty,
-            completion_tokens = Empty,
-            cached_tokens = Empty,
-            error = Empty,
-        );
+        let span = preble_telemetry::propagation::start_trace(caller_trace, || {
+            tracing::info_span!(
+                "gateway.request",
+                otel.kind = "server",
+                otel.status_code = Empty,
+                request_id = %request_id,
+                model = %model,
+                prompt_tokens = prompt_tokens.len(),
+                max_tokens = sampling.max_tokens,
+                stream = Empty,
+                finish_reason = Empty,
+                completion_tokens = Empty,
+                cached_tokens = Empty,
+                error = Empty,
+            )
+        });
         let subscription = self
             .client
             .subscribe(stream_subject.clone())

@@ -17,6 +17,7 @@ use preble_protocol::{
     KvInserted, PROTOCOL_VERSION, StreamBody, StreamMessage, WorkerEvent, WorkerEventBody, decode,
     encode,
 };
+use preble_telemetry::propagation::continue_trace;
 use tokio::sync::mpsc;
 use tracing::{Span, debug, field::Empty, info, warn};
 
@@ -209,22 +210,23 @@ impl Router {
         match decode::<GenerateRequest>(&message.payload) {
             Ok(request) => {
                 debug!(request = %request.request_id, "request received");
-                let span = tracing::info_span!(
-                    "scheduler.route",
-                    otel.kind = "consumer",
-                    otel.status_code = Empty,
-                    request_id = %request.request_id,
-                    model = %request.model,
-                    prompt_tokens = request.prompt_tokens.len(),
-                    policy = self.config.policy.name(),
-                    worker = Empty,
-                    decision = Empty,
-                    cached_tokens = Empty,
-                    reason = Empty,
-                    attempts = Empty,
-                    error = Empty,
-                );
-                preble_telemetry::propagation::continue_trace(&span, message.headers.as_ref());
+                let span = continue_trace(message.headers.as_ref(), || {
+                    tracing::info_span!(
+                        "scheduler.route",
+                        otel.kind = "consumer",
+                        otel.status_code = Empty,
+                        request_id = %request.request_id,
+                        model = %request.model,
+                        prompt_tokens = request.prompt_tokens.len(),
+                        policy = self.config.policy.name(),
+                        worker = Empty,
+                        decision = Empty,
+                        cached_tokens = Empty,
+                        reason = Empty,
+                        attempts = Empty,
+                        error = Empty,
+                    )
+                });
                 self.route(Pending {
                     request,
                     message,

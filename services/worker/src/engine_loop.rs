@@ -13,6 +13,7 @@ use preble_protocol::{
     ErrorCode, FinishReason, FinishedRequest, KvEvicted, KvInserted, LoadReport, PROTOCOL_VERSION,
     SamplingParams, StreamBody, StreamMessage, Timings, Usage, WorkerEventBody, encode,
 };
+use preble_telemetry::propagation::child_span;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
@@ -239,12 +240,14 @@ impl EngineLoop {
                 self.metrics
                     .request_queue_time
                     .observe(began.duration_since(seq.payload.accepted_at).as_secs_f64());
-                let prefill = tracing::info_span!(
-                    parent: &seq.payload.span,
-                    "worker.prefill",
-                    reused_tokens = reused,
-                    computed_tokens = seq.prompt_len() - reused,
-                );
+                let prefill = child_span(&seq.payload.span, || {
+                    tracing::info_span!(
+                        parent: &seq.payload.span,
+                        "worker.prefill",
+                        reused_tokens = reused,
+                        computed_tokens = seq.prompt_len() - reused,
+                    )
+                });
                 seq.payload.span.record("cached_tokens", reused);
                 seq.payload.phase = Some(prefill);
             }
@@ -281,7 +284,10 @@ impl EngineLoop {
             self.metrics.generation_tokens.inc();
             if seq.payload.first_token_at.is_none() {
                 seq.payload.first_token_at = Some(Instant::now());
-                let decode = tracing::info_span!(parent: &seq.payload.span, "worker.decode");
+                let decode = child_span(
+                    &seq.payload.span,
+                    || tracing::info_span!(parent: &seq.payload.span, "worker.decode"),
+                );
                 seq.payload.phase = Some(decode);
                 self.metrics
                     .time_to_first_token

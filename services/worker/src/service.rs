@@ -17,6 +17,7 @@ use preble_protocol::{
     Cancel, Digest, DigestRequest, Dispatch, DispatchOutcome, DispatchReply, ErrorCode, Heartbeat,
     LoadReport, PROTOCOL_VERSION, WorkerEvent, WorkerEventBody, decode, encode,
 };
+use preble_telemetry::propagation::{child_span, continue_trace};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, field::Empty, info, warn};
@@ -249,21 +250,25 @@ async fn serve_dispatch(
                         .sampling
                         .seed
                         .unwrap_or_else(|| drawn_seed(&request.request_id));
-                    let span = tracing::info_span!(
-                        "worker.request",
-                        otel.kind = "consumer",
-                        otel.status_code = Empty,
-                        request_id = %request.request_id,
-                        worker = %config.worker_id,
-                        engine = config.engine.name(),
-                        prompt_tokens = request.prompt_tokens.len(),
-                        cached_tokens = Empty,
-                        completion_tokens = Empty,
-                        finish_reason = Empty,
-                        error = Empty,
-                    );
-                    preble_telemetry::propagation::continue_trace(&span, message.headers.as_ref());
-                    let phase = Some(tracing::info_span!(parent: &span, "worker.queue"));
+                    let span = continue_trace(message.headers.as_ref(), || {
+                        tracing::info_span!(
+                            "worker.request",
+                            otel.kind = "consumer",
+                            otel.status_code = Empty,
+                            request_id = %request.request_id,
+                            worker = %config.worker_id,
+                            engine = config.engine.name(),
+                            prompt_tokens = request.prompt_tokens.len(),
+                            cached_tokens = Empty,
+                            completion_tokens = Empty,
+                            finish_reason = Empty,
+                            error = Empty,
+                        )
+                    });
+                    let phase = Some(child_span(
+                        &span,
+                        || tracing::info_span!(parent: &span, "worker.queue"),
+                    ));
                     let active = Active {
                         prompt_hash: preble_prefix::path_hash(&request.prompt_tokens),
                         seed,

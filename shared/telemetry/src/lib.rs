@@ -5,10 +5,12 @@
 //!   plus OpenTelemetry export over OTLP when the standard `OTEL_*` variables ask for it.
 //! - [`propagation`]: W3C trace context in NATS message headers, one helper pair used by every
 //!   publisher and consumer.
+//! - [`sampling`]: which requests are traced, decided once where a request enters.
 //! - [`render_metrics`]: a Prometheus registry as the text exposition format for `/metrics`.
 
 pub mod otlp;
 pub mod propagation;
+pub mod sampling;
 
 use std::str::FromStr;
 

@@ -2,12 +2,14 @@
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (export is off when
 //! neither is set, or when `OTEL_SDK_DISABLED=true`), `OTEL_EXPORTER_OTLP_PROTOCOL`
 //! (`http/protobuf`, the default, or `http/json`), `OTEL_SERVICE_NAME` (default: the binary's
-//! name), `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_BSP_SCHEDULE_DELAY` and the other batch settings.
+//! name), `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_BSP_SCHEDULE_DELAY` and the other batch settings,
+//! and `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG` (applied once per request where it
+//! enters: see [`crate::sampling`]).
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tracing_subscriber::Layer;
 use tracing_subscriber::registry::LookupSpan;
 
@@ -78,6 +80,7 @@ where
     if !export_requested() {
         return Ok(None);
     }
+    let sampler = crate::sampling::HeadSampler::from_env()?;
     let protocol = match std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").as_deref() {
         Ok("http/json") => opentelemetry_otlp::Protocol::HttpJson,
         Ok("http/protobuf") | Err(_) => opentelemetry_otlp::Protocol::HttpBinary,
@@ -97,10 +100,14 @@ where
     if std::env::var("OTEL_SERVICE_NAME").is_err() {
         resource = resource.with_service_name(service.to_string());
     }
+    // Sampling is decided once per request where it enters (see `crate::sampling`); spans
+    // exist only for requests already picked, so the SDK records every one it is given.
     let provider = SdkTracerProvider::builder()
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
         .with_batch_exporter(exporter)
         .with_resource(resource.build())
         .build();
+    crate::sampling::install(sampler);
     let tracer = provider.tracer(service.to_string());
     opentelemetry::global::set_tracer_provider(provider.clone());
     // Only what the spans themselves say: location, thread, target and busy/idle attributes
