@@ -228,6 +228,64 @@ async fn a_worker_dying_mid_stream_ends_the_stream_with_worker_lost() {
 }
 
 #[tokio::test]
+async fn requests_a_dead_worker_had_not_started_are_served_by_another() {
+    // One request at a time per worker, so a worker holds queued requests it has not started.
+    let mut c = TestCluster::start(Options {
+        workers: 2,
+        time_scale: 0.5,
+        worker_args: vec!["--max-running".into(), "1".into()],
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let sent = 8;
+    let max_tokens = 30;
+    let mut requests = Vec::new();
+    for i in 0..sent {
+        let gateway = c.gateway.clone();
+        let body = json!({"model": c.model, "prompt": format!("queued request {i}"), "max_tokens": max_tokens, "ignore_eos": true});
+        requests.push(tokio::spawn(async move {
+            post(&gateway, "/v1/completions", &body).await
+        }));
+    }
+    // Kill worker 0 once it is generating (its other requests wait behind that one).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while scrape(&c.workers[0].metrics_url, "preble:generation_tokens_total")
+        .await
+        .unwrap_or(0.0)
+        < 1.0
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    c.workers[0].kill();
+    let mut served = 0;
+    let mut lost = 0;
+    for request in requests {
+        let (status, body) = tokio::time::timeout(Duration::from_secs(30), request)
+            .await
+            .unwrap()
+            .unwrap();
+        if status == 200 {
+            assert_eq!(body["usage"]["completion_tokens"], max_tokens, "{body}");
+            served += 1;
+        } else {
+            // Only a request the lost worker had started may fail.
+            assert_eq!(code(&body), "worker_lost", "{body}");
+            lost += 1;
+        }
+    }
+    assert!(lost <= 1, "{lost} requests lost; logs:\n{}", c.logs());
+    assert_eq!(served + lost, sent);
+    // The requests waiting on the lost worker were queued again.
+    let metrics = format!("{}/metrics", c.gateway);
+    let resubmitted = scrape(&metrics, "preble:requests_resubmitted_total")
+        .await
+        .unwrap();
+    assert!(resubmitted >= 1.0, "{resubmitted} resubmitted, {lost} lost");
+}
+
+#[tokio::test]
 async fn stray_foreign_and_duplicate_stream_messages_do_not_change_what_the_client_gets() {
     let c = TestCluster::start(Options {
         workers: 1,

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub malformed_messages: IntCounter,
     /// Duplicate stream messages dropped.
     pub duplicate_messages: IntCounter,
+    /// Requests queued again because their worker was lost before any output.
+    pub resubmissions: IntCounter,
 }
 
 impl Metrics {
@@ -97,6 +99,11 @@ impl Metrics {
                 &registry,
                 "preble:duplicate_stream_messages_total",
                 "Duplicate stream messages dropped",
+            ),
+            resubmissions: counter(
+                &registry,
+                "preble:requests_resubmitted_total",
+                "Requests queued again because their worker was lost before any output",
             ),
             registry,
         }

@@ -4,7 +4,8 @@
 //! Messages are reordered by `seq`; duplicates are dropped; a gap that does not fill, or
 //! silence longer than the idle timeout, ends the stream with an error. Dropping a
 //! [`Generation`] before its end (client gone, stop string hit) broadcasts a cancellation so
-//! the worker stops computing it.
+//! the worker stops computing it. A request whose worker is lost before the caller saw any of
+//! its output is queued again (and routed to another worker) instead of failing.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -22,6 +23,9 @@ use crate::metrics::Metrics;
 
 /// Messages held past a missing one before the stream is declared broken.
 const MAX_REORDER: usize = 256;
+
+/// Times a request is queued again when its worker is lost before it produced any output.
+const MAX_RESUBMISSIONS: u32 = 2;
 
 /// What a generation yields.
 #[derive(Clone, Debug, PartialEq)]
@@ -90,19 +94,10 @@ impl Relay {
                 finish_reason = Empty,
                 completion_tokens = Empty,
                 cached_tokens = Empty,
+                resubmissions = Empty,
                 error = Empty,
             )
         });
-        let subscription = self
-            .client
-            .subscribe(stream_subject.clone())
-            .await
-            .map_err(|e| {
-                ApiError::new(
-                    ErrorCode::Overloaded,
-                    format!("message bus unavailable: {e}"),
-                )
-            })?;
         let mut request = GenerateRequest::new(
             request_id.clone(),
             model.to_string(),
@@ -112,26 +107,7 @@ impl Relay {
         );
         request.submitted_at_ms = preble_telemetry::unix_ms();
         request.user = user;
-        let ack = self
-            .jetstream
-            .publish_with_headers(
-                self.subjects.requests(),
-                preble_telemetry::propagation::headers_for(&span),
-                encode(&request).into(),
-            )
-            .await
-            .map_err(|e| {
-                ApiError::new(
-                    ErrorCode::Overloaded,
-                    format!("request queue unavailable: {e}"),
-                )
-            })?;
-        ack.await.map_err(|e| {
-            ApiError::new(
-                ErrorCode::Overloaded,
-                format!("request queue did not confirm: {e}"),
-            )
-        })?;
+        let subscription = self.publish(&request, &span).await?;
         Ok(Generation {
             guard: CancelGuard {
                 client: self.client.clone(),
@@ -147,7 +123,50 @@ impl Relay {
             metrics: self.metrics.clone(),
             finished: false,
             span,
+            relay: self.clone(),
+            request,
+            resubmissions: 0,
         })
+    }
+
+    /// Subscribes to `request`'s stream subject, then queues the request (with `span`'s trace
+    /// context) and waits until the queue has it.
+    async fn publish(
+        &self,
+        request: &GenerateRequest,
+        span: &Span,
+    ) -> Result<Subscriber, ApiError> {
+        let subscription = self
+            .client
+            .subscribe(request.stream_subject.clone())
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    ErrorCode::Overloaded,
+                    format!("message bus unavailable: {e}"),
+                )
+            })?;
+        let ack = self
+            .jetstream
+            .publish_with_headers(
+                self.subjects.requests(),
+                preble_telemetry::propagation::headers_for(span),
+                encode(request).into(),
+            )
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    ErrorCode::Overloaded,
+                    format!("request queue unavailable: {e}"),
+                )
+            })?;
+        ack.await.map_err(|e| {
+            ApiError::new(
+                ErrorCode::Overloaded,
+                format!("request queue did not confirm: {e}"),
+            )
+        })?;
+        Ok(subscription)
     }
 }
 
@@ -189,6 +208,12 @@ pub struct Generation {
     finished: bool,
     guard: CancelGuard,
     span: Span,
+    /// For queueing the request again.
+    relay: Relay,
+    /// The request as last queued.
+    request: GenerateRequest,
+    /// Times the request was queued again after losing its worker.
+    resubmissions: u32,
 }
 
 impl Generation {
@@ -241,7 +266,13 @@ impl Generation {
                     continue;
                 }
             };
-            if let StreamBody::Error { .. } = message.body {
+            if let StreamBody::Error { code, .. } = &message.body {
+                if *code == ErrorCode::WorkerLost && self.next_seq == 0 {
+                    match self.resubmit().await {
+                        Ok(()) => continue,
+                        Err(e) => return Some(self.fail(e)),
+                    }
+                }
                 return Some(self.deliver(message.body));
             }
             if message.seq < self.next_seq || self.buffer.contains_key(&message.seq) {
@@ -250,6 +281,29 @@ impl Generation {
             }
             self.buffer.insert(message.seq, message.body);
         }
+    }
+
+    /// Queues the request again after its worker was lost before the caller saw any of its
+    /// output, on a fresh stream subject so that nothing from the lost attempt can mix in.
+    /// Gives up (with `worker_lost`) after [`MAX_RESUBMISSIONS`].
+    async fn resubmit(&mut self) -> Result<(), ApiError> {
+        if self.resubmissions >= MAX_RESUBMISSIONS {
+            return Err(ApiError::new(
+                ErrorCode::WorkerLost,
+                format!("lost {} workers before any output", self.resubmissions + 1),
+            ));
+        }
+        self.resubmissions += 1;
+        self.request.stream_subject = self
+            .relay
+            .subjects
+            .stream(&format!("{}-retry{}", self.request_id, self.resubmissions));
+        warn!(request = %self.request_id, attempt = self.resubmissions, "worker lost before any output: queued again");
+        self.subscription = self.relay.publish(&self.request, &self.span).await?;
+        self.buffer.clear();
+        self.metrics.resubmissions.inc();
+        self.span.record("resubmissions", self.resubmissions);
+        Ok(())
     }
 
     fn deliver(&mut self, body: StreamBody) -> Result<RelayEvent, ApiError> {
