@@ -240,25 +240,31 @@ async fn requests_a_dead_worker_had_not_started_are_served_by_another() {
     .unwrap();
     let sent = 8;
     let max_tokens = 30;
+    // A long shared prefix: E2 sends them all to the worker that got the first one.
+    let shared = "You are a careful assistant that answers questions about the queue. ".repeat(8);
     let mut requests = Vec::new();
     for i in 0..sent {
         let gateway = c.gateway.clone();
-        let body = json!({"model": c.model, "prompt": format!("queued request {i}"), "max_tokens": max_tokens, "ignore_eos": true});
+        let body = json!({"model": c.model, "prompt": format!("{shared} request {i}"), "max_tokens": max_tokens, "ignore_eos": true});
         requests.push(tokio::spawn(async move {
             post(&gateway, "/v1/completions", &body).await
         }));
     }
-    // Kill worker 0 once it is generating (its other requests wait behind that one).
+    // Kill the first worker seen generating (its other requests wait behind that one).
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while scrape(&c.workers[0].metrics_url, "preble:generation_tokens_total")
-        .await
-        .unwrap_or(0.0)
-        < 1.0
-    {
+    let busy = 'found: loop {
+        for (i, worker) in c.workers.iter().enumerate() {
+            let generated = scrape(&worker.metrics_url, "preble:generation_tokens_total")
+                .await
+                .unwrap_or(0.0);
+            if generated >= 1.0 {
+                break 'found i;
+            }
+        }
         assert!(std::time::Instant::now() < deadline, "{}", c.logs());
         tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    c.workers[0].kill();
+    };
+    c.workers[busy].kill();
     let mut served = 0;
     let mut lost = 0;
     for request in requests {

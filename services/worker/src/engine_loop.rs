@@ -277,9 +277,19 @@ impl EngineLoop {
             .iteration_seconds
             .observe(began.elapsed().as_secs_f64());
 
-        let sampled = self.sched.commit(&plan, &output.tokens);
+        let mut sampled = self.sched.commit(&plan, &output.tokens);
+        let running = self.sched.running();
+        let first_tokens = first_tokens_first(&mut sampled, |index| {
+            running[index].payload.first_token_at.is_none()
+        });
         let mut endings: Vec<(usize, Ending)> = Vec::new();
-        for (index, token) in sampled {
+        for (position, (index, token)) in sampled.into_iter().enumerate() {
+            if position == first_tokens && first_tokens > 0 {
+                // Send the first tokens on their way before writing the rest.
+                if let Err(e) = self.client.flush().await {
+                    warn!(error = %e, "failed to flush first tokens");
+                }
+            }
             let seq = self.sched.running_mut(index);
             self.metrics.generation_tokens.inc();
             if seq.payload.first_token_at.is_none() {
@@ -539,5 +549,33 @@ fn to_wire(span: CacheSpan) -> KvInserted {
         parent_hash: span.parent_hash,
         path_hash: span.hash,
         tokens: span.tokens,
+    }
+}
+/// Puts the sampled tokens that are their request's first (`is_first` of the batch index)
+/// ahead of the others, keeping each group's order, and returns how many there are. The plan
+/// puts decodes before prefills; with hundreds of streams a new request's first token would
+/// otherwise wait behind every running stream's next token, on NATS and at the gateway.
+fn first_tokens_first(sampled: &mut [(usize, u32)], is_first: impl Fn(usize) -> bool) -> usize {
+    sampled.sort_by_key(|&(index, _)| !is_first(index));
+    sampled
+        .iter()
+        .take_while(|&&(index, _)| is_first(index))
+        .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_tokens_first;
+
+    #[test]
+    fn first_tokens_go_ahead_of_decodes_in_batch_order() {
+        // Batch indices 0..5; 3 and 1 are new requests' first tokens.
+        let mut sampled = vec![(0, 10), (2, 12), (3, 13), (4, 14), (1, 11)];
+        let firsts = first_tokens_first(&mut sampled, |index| index == 3 || index == 1);
+        assert_eq!(firsts, 2);
+        assert_eq!(sampled, vec![(3, 13), (1, 11), (0, 10), (2, 12), (4, 14)]);
+        let mut none = vec![(0, 1), (1, 2)];
+        assert_eq!(first_tokens_first(&mut none, |_| false), 0);
+        assert_eq!(none, vec![(0, 1), (1, 2)]);
     }
 }
