@@ -4,7 +4,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use axum::{
     Json, Router,
     body::Bytes,
@@ -47,9 +47,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let models = Models::load(&config.model_dirs)?;
-    let client = async_nats::connect(&config.nats_url)
-        .await
-        .with_context(|| format!("connecting to NATS at {}", config.nats_url))?;
+    let client = preble_telemetry::connect_nats(&config.nats_url, "preble-gateway").await?;
     let metrics = Metrics::new();
     let relay = Relay::new(
         client.clone(),
@@ -57,9 +55,7 @@ pub async fn run(
         config.stream_idle_timeout,
         metrics.clone(),
     );
-    let listener = tokio::net::TcpListener::bind(config.http_addr)
-        .await
-        .with_context(|| format!("binding {}", config.http_addr))?;
+    let listener = preble_telemetry::bind(config.http_addr).await?;
     let state = Arc::new(AppState {
         config,
         models,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow};
 use minijinja::Environment;
+use preble_modeldir::read_json;
 use preble_protocol::{ChatMessage, ErrorCode};
 use serde_json::Value;
 use tokenizers::Tokenizer;
@@ -38,12 +39,6 @@ impl std::fmt::Debug for ServedModel {
             .field("context_len", &self.context_len)
             .finish_non_exhaustive()
     }
-}
-
-fn read_json(path: &Path) -> Result<Value> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
 /// A special token in `tokenizer_config.json` is a string or `{"content": ...}`.
@@ -101,12 +96,7 @@ impl ServedModel {
         templates
             .add_template_owned("chat", template)
             .context("compiling the chat template")?;
-        let name = dir
-            .canonicalize()
-            .unwrap_or_else(|_| dir.to_path_buf())
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .context("model directory has no name")?;
+        let name = preble_modeldir::served_name(dir)?;
         Ok(ServedModel {
             name,
             tokenizer,

@@ -34,9 +34,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let client = async_nats::connect(&config.nats_url)
-        .await
-        .with_context(|| format!("connecting to NATS at {}", config.nats_url))?;
+    let client = preble_telemetry::connect_nats(&config.nats_url, "preble-scheduler").await?;
     let js = jetstream::new(client.clone());
     let stream = js
         .get_or_create_stream(stream::Config {
@@ -67,9 +65,7 @@ pub async fn run(
     client.flush().await?;
 
     let metrics = Metrics::new();
-    let listener = tokio::net::TcpListener::bind(config.http_addr)
-        .await
-        .with_context(|| format!("binding {}", config.http_addr))?;
+    let listener = preble_telemetry::bind(config.http_addr).await?;
     info!(
         http = %listener.local_addr()?,
         stream = %config.subjects.requests_stream(),

@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
+use preble_modeldir::read_json;
 use serde_json::Value;
 
 /// The facts about a model that scheduling and the sim engine need.
@@ -58,12 +59,7 @@ impl ModelInfo {
             })
             .unwrap_or_default();
         let partial_token_ids = partial_byte_level_tokens(&tokenizer);
-        let name = dir
-            .canonicalize()
-            .unwrap_or_else(|_| dir.to_path_buf())
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".to_string());
+        let name = preble_modeldir::served_name(dir)?;
         if vocab_size == 0 || context_len == 0 {
             bail!("vocab_size and max_position_embeddings must be positive");
         }
@@ -115,12 +111,6 @@ fn unicode_to_byte() -> std::collections::HashMap<char, u8> {
             (c, b)
         })
         .collect()
-}
-
-fn read_json(path: &Path) -> Result<Value> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
 fn field_u32(value: &Value, name: &str) -> Result<u32> {

@@ -31,9 +31,7 @@ pub async fn run(
     mut config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let client = async_nats::connect(&config.nats_url)
-        .await
-        .with_context(|| format!("connecting to NATS at {}", config.nats_url))?;
+    let client = preble_telemetry::connect_nats(&config.nats_url, "preble-worker").await?;
     let engine = {
         let config = config.clone();
         tokio::task::spawn_blocking(move || crate::engine::build(&config))
@@ -44,9 +42,7 @@ pub async fn run(
         config.kv_capacity_tokens = u64::from(capacity);
     }
     let metrics = Metrics::new();
-    let listener = tokio::net::TcpListener::bind(config.http_addr)
-        .await
-        .with_context(|| format!("binding {}", config.http_addr))?;
+    let listener = preble_telemetry::bind(config.http_addr).await?;
     info!(
         worker = %config.worker_id,
         model = %config.model.name,
