@@ -7,10 +7,15 @@
 //! worker is busy, recomputing the prefix elsewhere only adds work).
 //!
 //! Costs are milliseconds from `preble-costmodel`:
-//! - L (load): estimated prefill plus decode time of the requests routed to the worker in the
-//!   window (default 3 minutes), plus (beyond the paper) the prefill time of the tokens queued
-//!   on it at its last load report: with few, long requests the window balances work over
-//!   minutes while a request waits behind what is queued now.
+//! - L (load): the estimated prefill time of the requests routed to the worker in the window
+//!   (default 3 minutes), plus the decode time (learned output length x time per output token)
+//!   of the requests outstanding on it now, plus the prefill time of the tokens queued on it
+//!   at its last load report. The paper sums the decode time of every request in the window
+//!   instead. That sum counts requests that finished minutes ago and grows with the number of
+//!   requests, not with how busy the worker is (decodes run batched). In simulation it stayed
+//!   equal across workers while their queues differed six-fold, and E2 trailed cache-aware
+//!   routing under overload (BENCHMARKS.md). The queue term matters with few, long requests:
+//!   the window balances work over minutes, while a request waits behind what is queued now.
 //! - M (eviction): the tokens this request would make the worker evict (what it holds plus the
 //!   request's missed tokens beyond its capacity), at prefill cost, weighted by how much of the
 //!   worker's recent prompts came from its cache (evicting a cache nobody reuses costs nothing).
@@ -18,6 +23,10 @@
 //!   keeps the same meaning at O(1) per worker.
 //! - P (prefill): the request's missed tokens on that worker. (The paper's public code leaves
 //!   P out; we don't.)
+//!
+//! Replication (beyond the paper) also needs the holder's recent TTFT to be at least the same
+//! ratio above the other workers' recent mean. Under overload TTFT grows everywhere; adding
+//! replicas then only adds prefill work.
 //!
 //! Output length and time per output token are learned online from finished requests (median
 //! of the last 255); until then the prior is `min(max_tokens, prior_output_tokens)` tokens and
@@ -91,7 +100,6 @@ impl Default for E2Config {
 struct Routed {
     at_ms: u64,
     prefill_ms: f64,
-    decode_ms: f64,
     prompt_tokens: u32,
     hit_tokens: u32,
 }
@@ -101,7 +109,6 @@ struct Routed {
 struct WorkerWindow {
     routed: VecDeque<Routed>,
     prefill_ms: f64,
-    decode_ms: f64,
     prompt_tokens: u64,
     hit_tokens: u64,
     ttft: VecDeque<(u64, f64)>,
@@ -113,29 +120,34 @@ impl WorkerWindow {
         while self.routed.front().is_some_and(|r| r.at_ms < since) {
             if let Some(r) = self.routed.pop_front() {
                 self.prefill_ms -= r.prefill_ms;
-                self.decode_ms -= r.decode_ms;
                 self.prompt_tokens -= u64::from(r.prompt_tokens);
                 self.hit_tokens -= u64::from(r.hit_tokens);
             }
         }
         if self.routed.is_empty() {
-            (self.prefill_ms, self.decode_ms) = (0.0, 0.0);
+            self.prefill_ms = 0.0;
         }
         while self.ttft.front().is_some_and(|(at, _)| *at < since) {
             self.ttft.pop_front();
         }
     }
 
+    /// Mean TTFT in the second half of the window, if any request finished there.
+    fn recent_ttft(&self, now_ms: u64, window_ms: u64) -> Option<f64> {
+        let middle = now_ms.saturating_sub(window_ms / 2);
+        let (mut sum, mut n) = (0.0, 0usize);
+        for &(_, ttft) in self.ttft.iter().filter(|(at, _)| *at >= middle) {
+            sum += ttft;
+            n += 1;
+        }
+        (n > 0).then(|| sum / n as f64)
+    }
+
     fn push(&mut self, r: Routed) {
         self.prefill_ms += r.prefill_ms;
-        self.decode_ms += r.decode_ms;
         self.prompt_tokens += u64::from(r.prompt_tokens);
         self.hit_tokens += u64::from(r.hit_tokens);
         self.routed.push_back(r);
-    }
-
-    fn load_ms(&self) -> f64 {
-        (self.prefill_ms + self.decode_ms).max(0.0)
     }
 
     /// Fraction of recent prompt tokens this worker served from its cache.
@@ -267,6 +279,28 @@ impl E2 {
         (out, self.tpot.median.unwrap_or(self.prior_tpot_ms))
     }
 
+    /// Whether worker `w`'s recent TTFT is at least the replication ratio above the mean of
+    /// the other workers' (true when none of them has finished a request lately): a hot
+    /// prefix, not an overloaded cluster.
+    fn hotter_than_the_rest(&self, w: WorkerIdx, terms: &[Terms], now_ms: u64) -> bool {
+        let window = self.config.window_ms;
+        let recent = |w: WorkerIdx| {
+            self.windows
+                .get(usize::from(w))
+                .and_then(|win| win.recent_ttft(now_ms, window))
+        };
+        let rest: Vec<f64> = terms
+            .iter()
+            .filter(|t| t.w != w)
+            .filter_map(|t| recent(t.w))
+            .collect();
+        if rest.is_empty() {
+            return true;
+        }
+        let mean_rest = rest.iter().sum::<f64>() / rest.len() as f64;
+        recent(w).unwrap_or(0.0) >= self.config.replicate_ttft_ratio * mean_rest
+    }
+
     /// Picks among `terms` by total cost: the minimum with random ties, or a softmax draw.
     fn pick(&self, terms: &[Terms], request_id: &str, salt: u64) -> Terms {
         let min = terms.iter().map(Terms::total).fold(f64::INFINITY, f64::min);
@@ -323,11 +357,14 @@ impl Policy for E2 {
             win.expire(now, window_ms);
             let cached = matched.len_for(w).min(prompt_len.saturating_sub(1));
             let missed = prompt_len - cached;
+            let prefill_load = win.prefill_ms.max(0.0);
+            let decode_load = f64::from(view.load.outstanding) * decode_ms;
             let load = queue_weight * queue_ms
-                + if prefill_heavy && win.decode_ms > win.prefill_ms {
-                    win.prefill_ms + decode_discount * win.decode_ms
+                + prefill_load
+                + if prefill_heavy && decode_load > prefill_load {
+                    decode_discount * decode_load
                 } else {
-                    win.load_ms()
+                    decode_load
                 };
             let reuse = win.reuse();
             let evict_tokens = if view.kv_capacity_tokens == 0 {
@@ -376,6 +413,7 @@ impl Policy for E2 {
                 self.config.replicate_min_samples,
                 full_prefill,
             );
+            let hot = hot && self.hotter_than_the_rest(holder.w, &terms, now);
             let others: Vec<Terms> = terms
                 .iter()
                 .filter(|t| t.cached < best_cached)
@@ -416,7 +454,6 @@ impl Policy for E2 {
         self.window(chosen.w).push(Routed {
             at_ms: now,
             prefill_ms: chosen.prefill,
-            decode_ms,
             prompt_tokens: prompt_len,
             hit_tokens: chosen.cached,
         });

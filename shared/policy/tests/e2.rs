@@ -131,6 +131,17 @@ fn route_after_ttft_change(
     after_ms: f64,
     queues: (u64, u64),
 ) -> (String, preble_policy::Decision) {
+    route_after_ttft_changes(before_ms, after_ms, queues, None)
+}
+
+/// As [`route_after_ttft_change`]; `other_recent_ms`, if any, is the TTFT the other worker's
+/// requests had lately.
+fn route_after_ttft_changes(
+    before_ms: f64,
+    after_ms: f64,
+    queues: (u64, u64),
+    other_recent_ms: Option<f64>,
+) -> (String, preble_policy::Decision) {
     let mut ws = workers(2);
     let mut e2 = E2::new(E2Config {
         warmup_requests: u64::MAX,
@@ -153,6 +164,17 @@ fn route_after_ttft_change(
             now_ms: 1_000 + i * 3_000,
         })
         .unwrap();
+        if let Some(ttft_ms) = other_recent_ms.filter(|_| i >= 10) {
+            let other = ws.iter().find(|w| w.id != d.worker).unwrap();
+            e2.observe(&ClusterEvent::Finished {
+                worker: &other.id,
+                output_tokens: 20,
+                ttft_ms,
+                tpot_ms: 20.0,
+                now_ms: 1_000 + i * 3_000,
+            })
+            .unwrap();
+        }
     }
     let next = route(&mut e2, &ws, "r1", &prompt(9, 2000, 1, 10), 60_500);
     (d.worker, next)
@@ -161,6 +183,19 @@ fn route_after_ttft_change(
 #[test]
 fn a_holder_whose_ttft_doubles_gets_its_prefix_replicated() {
     let (holder, next) = route_after_ttft_change(100.0, 400.0, (8_000, 0));
+    assert_eq!(next.kind, DecisionKind::Replicate, "{next:?}");
+    assert_ne!(next.worker, holder);
+}
+
+#[test]
+fn a_prefix_is_not_replicated_when_every_worker_slowed_down() {
+    // The other worker's requests waited as long lately: the cluster is overloaded, not the
+    // prefix hot; a replica would only add prefill work.
+    let (holder, next) = route_after_ttft_changes(100.0, 400.0, (8_000, 0), Some(300.0));
+    assert_eq!(next.kind, DecisionKind::Exploit, "{next:?}");
+    assert_eq!(next.worker, holder);
+    // Well above the others' it still is hot.
+    let (holder, next) = route_after_ttft_changes(100.0, 400.0, (8_000, 0), Some(150.0));
     assert_eq!(next.kind, DecisionKind::Replicate, "{next:?}");
     assert_ne!(next.worker, holder);
 }
@@ -193,6 +228,23 @@ fn a_new_prefix_avoids_a_worker_with_a_long_queue() {
         let d = route(&mut e2, &ws, "q0", &prompt(11, 1000, 0, 10), 0);
         assert_eq!(d.kind, DecisionKind::Explore);
         assert_ne!(d.worker, "gpu-1", "seed {seed}: {d:?}");
+    }
+}
+
+#[test]
+fn a_new_prefix_avoids_a_worker_with_many_requests_outstanding() {
+    // Same history in the window, but one worker still decodes 30 requests: its load is what
+    // is outstanding now, not what was routed minutes ago.
+    let mut ws = workers(3);
+    ws[2].load.outstanding = 30;
+    for seed in 0..20 {
+        let mut e2 = E2::new(E2Config {
+            seed,
+            ..E2Config::default()
+        });
+        let d = route(&mut e2, &ws, "o0", &prompt(12, 1000, 0, 10), 0);
+        assert_eq!(d.kind, DecisionKind::Explore);
+        assert_ne!(d.worker, "gpu-2", "seed {seed}: {d:?}");
     }
 }
 
