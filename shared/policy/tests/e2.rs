@@ -346,3 +346,139 @@ proptest! {
         }
     }
 }
+
+/// E2's rules worked through by hand on small clusters: every cost term is recomputed here
+/// from the cost model and checked against the decision and its reason.
+mod worked_examples {
+    use super::*;
+    use preble_costmodel::Profile;
+
+    /// Decode time E2 charges per outstanding request before any request finished: the prior
+    /// output length (64 here, the requests' `max_tokens`) at the profile's batch-16 step.
+    fn decode_per_request() -> f64 {
+        64.0 * Profile::a6000_mistral_7b().decode_step_ms(16, 16 * 1024)
+    }
+
+    fn prefill(extend: u32, context: u32) -> f64 {
+        Profile::a6000_mistral_7b().prefill_ms(extend, context)
+    }
+
+    fn with_outstanding(counts: &[u32]) -> Vec<WorkerView> {
+        let mut ws = workers(counts.len());
+        for (w, &n) in ws.iter_mut().zip(counts) {
+            w.load.outstanding = n;
+        }
+        ws
+    }
+
+    #[test]
+    fn a_hit_larger_than_the_miss_is_exploited_despite_the_holders_load() {
+        // gpu-0 caches 800 of the prompt's 1,000 tokens and decodes 5 requests; gpu-1 is idle.
+        // 800 cached > 200 missed: exploit, before the warm-up allows any rebalancing.
+        let ws = with_outstanding(&[5, 0]);
+        let mut e2 = E2::new(E2Config::default());
+        let p = prompt(20, 800, 0, 200);
+        cache(&mut e2, "gpu-0", &p[..800], 0);
+        let d = route(&mut e2, &ws, "a", &p, 10);
+        assert_eq!(
+            (d.worker.as_str(), d.kind),
+            ("gpu-0", DecisionKind::Exploit)
+        );
+        assert_eq!(d.cached_tokens, 800);
+        // Its terms: 5 outstanding decodes, nothing evicted, the 200 missed tokens to prefill.
+        let load = 5.0 * decode_per_request();
+        assert_eq!(
+            d.reason,
+            format!(
+                "cached=800/1000 L={load:.1}ms M=0.0ms P={:.1}ms",
+                prefill(200, 800)
+            )
+        );
+    }
+
+    #[test]
+    fn a_small_hit_explores_and_the_cheaper_total_wins() {
+        // gpu-0 caches 400 of 1,000 tokens: 400 < 600 missed, so explore. Its total is
+        // k x D + P(600 after 400); gpu-1's is j x D + P(1000): the decode load of one
+        // request outweighs the 400 cached tokens.
+        let p0 = prefill(600, 400);
+        let p1 = prefill(1000, 0);
+        let d = decode_per_request();
+        assert!(d > p1 - p0 && p1 > p0, "D {d} P0 {p0} P1 {p1}");
+        for (k, j, winner) in [
+            (0, 0, "gpu-0"),
+            (1, 0, "gpu-1"),
+            (2, 2, "gpu-0"),
+            (3, 2, "gpu-1"),
+        ] {
+            let ws = with_outstanding(&[k, j]);
+            let mut e2 = E2::new(E2Config::default());
+            let p = prompt(21, 400, 0, 600);
+            cache(&mut e2, "gpu-0", &p[..400], 0);
+            let decision = route(&mut e2, &ws, "b", &p, 10);
+            assert_eq!(decision.kind, DecisionKind::Explore);
+            assert_eq!(decision.worker, winner, "k={k} j={j}: {decision:?}");
+            let (outstanding, cached, p) = if winner == "gpu-0" {
+                (k, 400, p0)
+            } else {
+                (j, 0, p1)
+            };
+            let load = f64::from(outstanding) * d;
+            assert_eq!(
+                decision.reason,
+                format!("cached={cached}/1000 L={load:.1}ms M=0.0ms P={p:.1}ms")
+            );
+        }
+    }
+
+    #[test]
+    fn after_the_warm_up_an_overloaded_holder_is_passed_over() {
+        // The holder's load must exceed 1.5 x the lightest load plus the prompt's own full
+        // prefill time: 5 x D > 1.5 x 0 + P(1000) rebalances; 5 x D > 1.5 x 4 x D does not.
+        for (light, kind, worker) in [
+            (0, DecisionKind::Rebalance, "gpu-1"),
+            (4, DecisionKind::Exploit, "gpu-0"),
+        ] {
+            let ws = with_outstanding(&[5, light]);
+            let mut e2 = E2::new(E2Config {
+                warmup_requests: 0,
+                ..E2Config::default()
+            });
+            let p = prompt(22, 800, 0, 200);
+            cache(&mut e2, "gpu-0", &p[..800], 0);
+            let d = route(&mut e2, &ws, "c", &p, 10);
+            assert_eq!((d.worker.as_str(), d.kind), (worker, kind), "{d:?}");
+        }
+    }
+
+    #[test]
+    fn eviction_cost_is_what_the_request_pushes_out_weighted_by_reuse() {
+        // gpu-0 holds 1,000 tokens in a 1,000-token cache and served them once cold, once from
+        // the cache (999 of 2,000 prompt tokens were hits). A new 1,000-token prompt would
+        // evict 1,000 tokens: M = P(1000) x 999/2000. gpu-1 is kept busy so gpu-0 is chosen
+        // and its terms show in the reason.
+        let mut ws = with_outstanding(&[0, 50]);
+        ws[0].kv_capacity_tokens = 1_000;
+        let mut e2 = E2::new(E2Config::default());
+        let x = prompt(23, 1000, 0, 0);
+        assert_eq!(route(&mut e2, &ws, "x1", &x, 0).worker, "gpu-0");
+        cache(&mut e2, "gpu-0", &x, 1);
+        let again = route(&mut e2, &ws, "x2", &x, 2);
+        assert_eq!((again.worker.as_str(), again.cached_tokens), ("gpu-0", 999));
+        let y = prompt(24, 1000, 0, 0);
+        let d = route(&mut e2, &ws, "y", &y, 3);
+        assert_eq!(
+            (d.worker.as_str(), d.kind),
+            ("gpu-0", DecisionKind::Explore)
+        );
+        let window_prefill = prefill(1000, 0) + prefill(1, 999);
+        let evict = prefill(1000, 0) * 999.0 / 2000.0;
+        assert_eq!(
+            d.reason,
+            format!(
+                "cached=0/1000 L={window_prefill:.1}ms M={evict:.1}ms P={:.1}ms",
+                prefill(1000, 0)
+            )
+        );
+    }
+}
