@@ -93,16 +93,19 @@ async fn start_receiver() -> (String, Arc<Mutex<Vec<ReceivedSpan>>>) {
     (format!("http://127.0.0.1:{port}"), spans)
 }
 
-#[tokio::test]
-async fn one_request_is_one_trace_across_gateway_scheduler_and_worker() {
+/// A gateway, a scheduler and 2 workers exporting their spans (JSON, every 100 ms, with
+/// `extra` variables) to a receiver in the test, and what it received.
+async fn traced_cluster(extra: &[(&str, &str)]) -> (TestCluster, Arc<Mutex<Vec<ReceivedSpan>>>) {
     let (endpoint, received) = start_receiver().await;
     let env = [
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
         ("OTEL_BSP_SCHEDULE_DELAY", "100"),
     ]
+    .iter()
+    .chain(extra)
     .map(|(k, v)| (k.to_string(), v.to_string()))
-    .to_vec();
+    .collect();
     let c = TestCluster::start(Options {
         workers: 2,
         env,
@@ -110,6 +113,12 @@ async fn one_request_is_one_trace_across_gateway_scheduler_and_worker() {
     })
     .await
     .unwrap();
+    (c, received)
+}
+
+#[tokio::test]
+async fn one_request_is_one_trace_across_gateway_scheduler_and_worker() {
+    let (c, received) = traced_cluster(&[]).await;
     let body = json!({
         "model": c.model,
         "messages": [{"role": "user", "content": "Trace me through every service."}],
@@ -229,23 +238,11 @@ const REQUEST_SPANS: [&str; 6] = [
 
 #[tokio::test]
 async fn sampling_is_decided_once_per_request_and_follows_a_callers_trace() {
-    let (endpoint, received) = start_receiver().await;
-    let env = [
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
-        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    let (c, received) = traced_cluster(&[
         ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
         ("OTEL_TRACES_SAMPLER_ARG", "0.5"),
-    ]
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .to_vec();
-    let c = TestCluster::start(Options {
-        workers: 2,
-        env,
-        ..Options::default()
-    })
-    .await
-    .unwrap();
+    ])
+    .await;
     let completion =
         |i: usize| json!({"model": c.model, "prompt": format!("request {i}"), "max_tokens": 3});
     let sent = 30;
