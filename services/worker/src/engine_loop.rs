@@ -551,6 +551,7 @@ fn to_wire(span: CacheSpan) -> KvInserted {
         tokens: span.tokens,
     }
 }
+
 /// Puts the sampled tokens that are their request's first (`is_first` of the batch index)
 /// ahead of the others, keeping each group's order, and returns how many there are. The plan
 /// puts decodes before prefills; with hundreds of streams a new request's first token would
