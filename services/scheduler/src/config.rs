@@ -43,6 +43,10 @@ pub struct Args {
     /// E2: weight of a worker's queued prefill in its load cost (0: the paper's load cost).
     #[arg(long, env = "PREBLE_QUEUE_WEIGHT", default_value_t = 1.0)]
     pub queue_weight: f64,
+    /// E2: also rebalance as the paper's code does, moving whole prefixes from the most to the
+    /// least loaded worker (off: slower on skewed workloads in simulation).
+    #[arg(long, env = "PREBLE_SUBTREE_REBALANCE")]
+    pub subtree_rebalance: bool,
     /// E2 and kv-cost: softmax temperature over normalised costs (0: pick the minimum).
     #[arg(long, env = "PREBLE_TEMPERATURE", default_value_t = 0.0)]
     pub temperature: f64,
@@ -160,6 +164,7 @@ impl Config {
                 warmup_requests: args.warmup_requests,
                 replicate_ttft_ratio: args.replicate_ttft_ratio,
                 queue_weight: args.queue_weight,
+                subtree_rebalance: args.subtree_rebalance,
                 temperature: args.temperature,
                 max_tree_tokens: args.max_tree_tokens,
                 profile,

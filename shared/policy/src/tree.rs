@@ -59,6 +59,38 @@ pub struct TreeMatch {
     pub per_worker: Vec<(WorkerIdx, u32)>,
     /// The longest prefix known at all (held by someone or not).
     pub known: u32,
+    /// The key portion of the known prefix (see [`PrefixKey`]).
+    pub key: Option<PrefixKey>,
+}
+
+/// A prompt's key portion (the paper's unit of load accounting and of rebalancing): the
+/// deepest node on its path that is longer than all its ancestors together, such as a tool's
+/// description below a shared system prompt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefixKey {
+    /// The path hash naming the node's end.
+    pub hash: u64,
+    /// Tokens from the root to the node's end.
+    pub tokens: u32,
+}
+
+/// Tracks the key portion along a walk down a path, node by node.
+#[derive(Default)]
+struct KeyTracker {
+    before: u32,
+    key: Option<PrefixKey>,
+}
+
+impl KeyTracker {
+    fn node(&mut self, hash: u64, len: u32) {
+        if len > self.before {
+            self.key = Some(PrefixKey {
+                hash,
+                tokens: self.before + len,
+            });
+        }
+        self.before += len;
+    }
 }
 
 impl TreeMatch {
@@ -146,6 +178,7 @@ impl GlobalTree {
     /// Walks the prompt: per worker, the longest prefix it holds or was sent.
     pub fn match_prefix(&self, tokens: &[u32]) -> TreeMatch {
         let mut lens: FxHashMap<WorkerIdx, u32> = FxHashMap::default();
+        let mut key = KeyTracker::default();
         let mut node = ROOT;
         let mut pos = 0usize;
         while pos < tokens.len() {
@@ -166,6 +199,7 @@ impl GlobalTree {
             if n < self.nodes[c as usize].tokens.len() {
                 break;
             }
+            key.node(self.nodes[c as usize].hash, n as u32);
             node = c;
         }
         let mut per_worker: Vec<(WorkerIdx, u32)> =
@@ -174,19 +208,24 @@ impl GlobalTree {
         TreeMatch {
             per_worker,
             known: pos as u32,
+            key: key.key,
         }
     }
 
     /// Records that a request with this prompt was routed to `w` at `now_ms`: the path is
-    /// inserted (if new), touched, and marked as sent to `w`.
-    pub fn record_route(&mut self, tokens: &[u32], w: WorkerIdx, now_ms: u64) {
+    /// inserted (if new), touched, and marked as sent to `w`. Returns the path's key portion.
+    pub fn record_route(&mut self, tokens: &[u32], w: WorkerIdx, now_ms: u64) -> Option<PrefixKey> {
         if tokens.is_empty() {
-            return;
+            return None;
         }
+        let mut key = KeyTracker::default();
         for id in self.insert_below(ROOT, tokens, now_ms) {
             self.mark(id, w, Mark::Routed, true);
+            let node = &self.nodes[id as usize];
+            key.node(node.hash, node.tokens.len() as u32);
         }
         self.enforce_bound();
+        key.key
     }
 
     /// Applies a worker's insert event: `tokens` after the path named `parent_hash`, with a

@@ -482,3 +482,42 @@ mod worked_examples {
         );
     }
 }
+
+/// Routes a hot prefix's requests to one worker, overloads that worker, and returns where a
+/// request goes right after (at 1 s) and then once the other worker is the busier one.
+fn route_around_a_rebalance(subtree_rebalance: bool) -> (String, [preble_policy::Decision; 2]) {
+    let mut ws = workers(2);
+    let mut e2 = E2::new(E2Config {
+        warmup_requests: 0,
+        subtree_rebalance,
+        ..E2Config::default()
+    });
+    let hot = |i: u32| prompt(30, 1500, i, 30);
+    let holder = route(&mut e2, &ws, "f0", &hot(0), 0).worker;
+    let (h, other) = if holder == "gpu-0" { (0, 1) } else { (1, 0) };
+    // One request decoding on the other worker keeps the holder from shedding early.
+    ws[other].load.outstanding = 1;
+    for i in 1..4u32 {
+        let d = route(&mut e2, &ws, &format!("f{i}"), &hot(i), u64::from(i));
+        assert_eq!(d.worker, holder, "{d:?}");
+    }
+    ws[h].load.outstanding = 10;
+    let moved = route(&mut e2, &ws, "f4", &hot(4), 1_000);
+    ws[h].load.outstanding = 0;
+    ws[other].load.outstanding = 3;
+    let after = route(&mut e2, &ws, "f5", &hot(5), 1_100);
+    (holder, [moved, after])
+}
+
+#[test]
+fn subtree_rebalancing_moves_a_prefix_to_a_new_owner_that_keeps_it() {
+    let (holder, [moved, after]) = route_around_a_rebalance(true);
+    assert_eq!(moved.kind, DecisionKind::Rebalance, "{moved:?}");
+    assert_ne!(moved.worker, holder);
+    // The prefix now belongs to the other worker, though it is the busier one now.
+    assert_eq!(after.worker, moved.worker, "{after:?}");
+    // Without it, the request after goes back to the less loaded copy.
+    let (holder, [moved, after]) = route_around_a_rebalance(false);
+    assert_ne!(moved.worker, holder);
+    assert_eq!(after.worker, holder, "{after:?}");
+}
