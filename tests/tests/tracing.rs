@@ -116,6 +116,24 @@ async fn traced_cluster(extra: &[(&str, &str)]) -> (TestCluster, Arc<Mutex<Vec<R
     (c, received)
 }
 
+/// The spans received once `ready` accepts them (polled every 100 ms for up to 20 s; on time
+/// out the test fails with `ready`'s last reason and the services' logs).
+async fn spans_once(
+    received: &Mutex<Vec<ReceivedSpan>>,
+    c: &TestCluster,
+    mut ready: impl FnMut(&[ReceivedSpan]) -> Result<(), String>,
+) -> Vec<ReceivedSpan> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let spans = received.lock().unwrap().clone();
+        match ready(&spans) {
+            Ok(()) => return spans,
+            Err(why) => assert!(Instant::now() < deadline, "{why}; logs:\n{}", c.logs()),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn one_request_is_one_trace_across_gateway_scheduler_and_worker() {
     let (c, received) = traced_cluster(&[]).await;
@@ -138,21 +156,15 @@ async fn one_request_is_one_trace_across_gateway_scheduler_and_worker() {
             .to_string()
     };
 
-    let wanted = REQUEST_SPANS;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let spans = loop {
-        let spans = received.lock().unwrap().clone();
+    let spans = spans_once(&received, &c, |spans| {
         let names: BTreeSet<&str> = spans.iter().map(ReceivedSpan::name).collect();
-        if wanted.iter().all(|w| names.contains(w)) {
-            break spans;
+        if REQUEST_SPANS.iter().all(|w| names.contains(w)) {
+            Ok(())
+        } else {
+            Err(format!("spans seen: {names:?}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "spans seen: {names:?}; logs:\n{}",
-            c.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    })
+    .await;
     let one = |name: &str| -> ReceivedSpan {
         let matching: Vec<&ReceivedSpan> = spans.iter().filter(|s| s.name() == name).collect();
         assert_eq!(matching.len(), 1, "one {name} span for one request");
@@ -266,11 +278,9 @@ async fn sampling_is_decided_once_per_request_and_follows_a_callers_trace() {
     }
 
     // Wait for the caller's trace, then for the export to go quiet.
-    let deadline = Instant::now() + Duration::from_secs(20);
     let mut last_count = 0;
     let mut quiet_since = Instant::now();
-    let spans = loop {
-        let spans = received.lock().unwrap().clone();
+    let spans = spans_once(&received, &c, |spans| {
         let callers = spans
             .iter()
             .filter(|s| s.id("traceId") == sampled_trace)
@@ -280,15 +290,12 @@ async fn sampling_is_decided_once_per_request_and_follows_a_callers_trace() {
             quiet_since = Instant::now();
         }
         if callers == REQUEST_SPANS.len() && quiet_since.elapsed() > Duration::from_secs(1) {
-            break spans;
+            Ok(())
+        } else {
+            Err(format!("{callers} spans of the caller's trace"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "{callers} spans of the caller's trace; logs:\n{}",
-            c.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    })
+    .await;
 
     // Every trace that was recorded is whole: a request is traced everywhere or nowhere.
     let mut traces = std::collections::BTreeMap::<String, Vec<&str>>::new();

@@ -475,68 +475,68 @@ impl Policy for E2 {
             .and_then(|(owner, _)| terms.iter().find(|t| t.w == *owner))
             .copied();
         let best_cached = terms.iter().map(|t| t.cached).max().unwrap_or(0);
-        let (chosen, kind) =
-            if let Some(owner) = owner.filter(|_| best_cached > prompt_len - best_cached) {
-                let kind = if owner.cached == best_cached {
-                    DecisionKind::Exploit
-                } else {
-                    DecisionKind::Rebalance
-                };
-                (owner, kind)
-            } else if best_cached > prompt_len - best_cached {
-                let holders: Vec<Terms> = terms
-                    .iter()
-                    .filter(|t| t.cached == best_cached)
-                    .map(|t| Terms {
-                        evict: 0.0,
-                        prefill: 0.0,
-                        ..*t
-                    })
-                    .collect();
-                let holder = self.pick(&holders, request.request_id, 1);
-                let lightest = terms.iter().map(|t| t.load).fold(f64::INFINITY, f64::min);
-                let warm = self.routed_total >= self.config.warmup_requests;
-                let overloaded =
-                    warm && holder.load > self.config.rebalance_threshold * lightest + full_prefill;
-                let hot = self.windows[usize::from(holder.w)].ttft_growing(
-                    now,
-                    self.config.window_ms,
-                    self.config.replicate_ttft_ratio,
-                    self.config.replicate_min_samples,
-                    full_prefill,
-                );
-                let hot = hot && self.hotter_than_the_rest(holder.w, &terms, now);
-                let others: Vec<Terms> = terms
-                    .iter()
-                    .filter(|t| t.cached < best_cached)
-                    .copied()
-                    .collect();
-                let full = terms
-                    .iter()
-                    .find(|t| t.w == holder.w)
-                    .copied()
-                    .unwrap_or(holder);
-                // A replica must cost less than waiting at the holder: when every worker is
-                // busy, recomputing the prefix elsewhere only adds work.
-                let replica = (hot && !others.is_empty())
-                    .then(|| self.pick(&others, request.request_id, 3))
-                    .filter(|r| r.total() < full.total());
-                if overloaded {
-                    (
-                        self.pick(&terms, request.request_id, 2),
-                        DecisionKind::Rebalance,
-                    )
-                } else if let Some(replica) = replica {
-                    (replica, DecisionKind::Replicate)
-                } else {
-                    (full, DecisionKind::Exploit)
-                }
+        let exploit = best_cached > prompt_len - best_cached;
+        let (chosen, kind) = if let Some(owner) = owner.filter(|_| exploit) {
+            let kind = if owner.cached == best_cached {
+                DecisionKind::Exploit
             } else {
-                (
-                    self.pick(&terms, request.request_id, 4),
-                    DecisionKind::Explore,
-                )
+                DecisionKind::Rebalance
             };
+            (owner, kind)
+        } else if exploit {
+            let holders: Vec<Terms> = terms
+                .iter()
+                .filter(|t| t.cached == best_cached)
+                .map(|t| Terms {
+                    evict: 0.0,
+                    prefill: 0.0,
+                    ..*t
+                })
+                .collect();
+            let holder = self.pick(&holders, request.request_id, 1);
+            let lightest = terms.iter().map(|t| t.load).fold(f64::INFINITY, f64::min);
+            let warm = self.routed_total >= self.config.warmup_requests;
+            let overloaded =
+                warm && holder.load > self.config.rebalance_threshold * lightest + full_prefill;
+            let hot = self.windows[usize::from(holder.w)].ttft_growing(
+                now,
+                self.config.window_ms,
+                self.config.replicate_ttft_ratio,
+                self.config.replicate_min_samples,
+                full_prefill,
+            );
+            let hot = hot && self.hotter_than_the_rest(holder.w, &terms, now);
+            let others: Vec<Terms> = terms
+                .iter()
+                .filter(|t| t.cached < best_cached)
+                .copied()
+                .collect();
+            let full = terms
+                .iter()
+                .find(|t| t.w == holder.w)
+                .copied()
+                .unwrap_or(holder);
+            // A replica must cost less than waiting at the holder: when every worker is
+            // busy, recomputing the prefix elsewhere only adds work.
+            let replica = (hot && !others.is_empty())
+                .then(|| self.pick(&others, request.request_id, 3))
+                .filter(|r| r.total() < full.total());
+            if overloaded {
+                (
+                    self.pick(&terms, request.request_id, 2),
+                    DecisionKind::Rebalance,
+                )
+            } else if let Some(replica) = replica {
+                (replica, DecisionKind::Replicate)
+            } else {
+                (full, DecisionKind::Exploit)
+            }
+        } else {
+            (
+                self.pick(&terms, request.request_id, 4),
+                DecisionKind::Explore,
+            )
+        };
         let position = terms
             .iter()
             .position(|t| t.w == chosen.w)
