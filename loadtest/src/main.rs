@@ -180,14 +180,19 @@ struct WorkloadArgs {
     /// Popularity of key prefixes: uniform, zipf or zipf:S.
     #[arg(long, default_value = "uniform")]
     popularity: Popularity,
-    /// Longest prompt plus output, tokens.
-    #[arg(long, default_value_t = 32_768)]
-    max_context: u32,
+    /// Longest prompt plus output, tokens; default: the simulated model's context (`sim`),
+    /// 32,768 otherwise.
+    #[arg(long)]
+    max_context: Option<u32>,
 }
+
+/// Context bound of generated prompts when neither `--max-context` nor a simulated model sets it.
+const DEFAULT_MAX_CONTEXT: u32 = 32_768;
 
 impl WorkloadArgs {
     /// The requests and a name for reports; `timed` says whether they carry their own times.
-    fn load(&self) -> Result<(String, Vec<Request>, bool)> {
+    /// Generated prompts fit `context` unless `--max-context` says otherwise.
+    fn load(&self, context: u32) -> Result<(String, Vec<Request>, bool)> {
         let (name, mut requests, timed) = match self.workload.split_once(':') {
             Some(("file", path)) => (stem(path), Workload::load(path.as_ref())?.requests, true),
             Some(("azure", path)) => (stem(path), trace::load_azure(path.as_ref())?, true),
@@ -199,7 +204,7 @@ impl WorkloadArgs {
                     requests: self.requests,
                     seed: self.seed,
                     popularity: self.popularity,
-                    max_context: self.max_context,
+                    max_context: self.max_context.unwrap_or(context),
                 });
                 (kind.name().to_string(), requests, false)
             }
@@ -238,8 +243,9 @@ struct ArrivalArgs {
 fn timed_workload(
     workload: &WorkloadArgs,
     arrivals: &ArrivalArgs,
+    context: u32,
 ) -> Result<(String, Workload, f64)> {
-    let (name, mut requests, timed) = workload.load()?;
+    let (name, mut requests, timed) = workload.load(context)?;
     let rate = arrivals.apply(&mut requests, timed)?;
     Ok((name, Workload::new(requests), rate))
 }
@@ -305,6 +311,61 @@ struct ClusterArgs {
     /// KV capacity per serving unit, tokens; default: the profile's.
     #[arg(long)]
     kv_capacity_tokens: Option<u64>,
+    #[command(flatten)]
+    e2: E2Args,
+}
+
+/// E2's knobs, as the scheduler's flags of the same names (for experiments in simulation).
+#[derive(Args, Clone)]
+struct E2Args {
+    /// E2: load window, milliseconds.
+    #[arg(long = "e2-window-ms")]
+    window_ms: Option<u64>,
+    /// E2: rebalance when a holder's load exceeds the lightest worker's by this factor.
+    #[arg(long = "e2-rebalance-threshold")]
+    rebalance_threshold: Option<f64>,
+    /// E2: replicate a prefix when its holder's TTFT grew by this factor over the window.
+    #[arg(long = "e2-replicate-ttft-ratio")]
+    replicate_ttft_ratio: Option<f64>,
+    /// E2: weight of a worker's queued prefill in its load cost (0: the paper's load cost).
+    #[arg(long = "e2-queue-weight")]
+    queue_weight: Option<f64>,
+    /// E2: weight of a decode-heavy worker's decode load for prefill-heavy requests.
+    #[arg(long = "e2-decode-discount")]
+    decode_discount: Option<f64>,
+    /// E2: move whole prefixes between workers as the paper's code does (true or false).
+    #[arg(long = "e2-subtree-rebalance")]
+    subtree_rebalance: Option<bool>,
+    /// E2: softmax temperature over normalised costs (0: pick the minimum).
+    #[arg(long = "e2-temperature")]
+    temperature: Option<f64>,
+}
+
+impl E2Args {
+    /// Overrides `c`'s defaults with the flags given.
+    fn apply(&self, c: &mut preble_policy::E2Config) {
+        if let Some(v) = self.window_ms {
+            c.window_ms = v;
+        }
+        if let Some(v) = self.rebalance_threshold {
+            c.rebalance_threshold = v;
+        }
+        if let Some(v) = self.replicate_ttft_ratio {
+            c.replicate_ttft_ratio = v;
+        }
+        if let Some(v) = self.queue_weight {
+            c.queue_weight = v;
+        }
+        if let Some(v) = self.decode_discount {
+            c.decode_discount = v;
+        }
+        if let Some(v) = self.subtree_rebalance {
+            c.subtree_rebalance = v;
+        }
+        if let Some(v) = self.temperature {
+            c.temperature = v;
+        }
+    }
 }
 
 impl ClusterArgs {
@@ -312,6 +373,7 @@ impl ClusterArgs {
         let mut c = SimConfig::new(self.cluster.clone(), policy);
         c.worker.chunk_tokens = self.chunk_tokens;
         c.worker.kv_capacity_tokens = self.kv_capacity_tokens;
+        self.e2.apply(&mut c.settings.e2);
         c
     }
 }
@@ -397,13 +459,13 @@ async fn main() -> Result<()> {
             arrivals,
             out,
         } => {
-            let (name, w, _) = timed_workload(&workload, &arrivals)?;
+            let (name, w, _) = timed_workload(&workload, &arrivals, DEFAULT_MAX_CONTEXT)?;
             w.save(&out)?;
             print_stats(&name, &w.requests);
             println!("wrote {}", out.display());
         }
         Command::Stats { workload } => {
-            let (name, requests, _) = workload.load()?;
+            let (name, requests, _) = workload.load(DEFAULT_MAX_CONTEXT)?;
             print_stats(&name, &requests);
         }
         Command::Sim {
@@ -414,7 +476,8 @@ async fn main() -> Result<()> {
             judging,
             out,
         } => {
-            let (name, workload, rate) = timed_workload(&workload, &arrivals)?;
+            let context = cluster.cluster.profile.model.context_len;
+            let (name, workload, rate) = timed_workload(&workload, &arrivals, context)?;
             let requests = workload.requests;
             let config = cluster.config(policy);
             let progress = bar(
@@ -521,7 +584,7 @@ async fn main() -> Result<()> {
             judging,
             out,
         } => {
-            let (name, workload, rate) = timed_workload(&workload, &arrivals)?;
+            let (name, workload, rate) = timed_workload(&workload, &arrivals, DEFAULT_MAX_CONTEXT)?;
             let requests = workload.requests;
             let transport = match nats {
                 Some(url) => Transport::Nats {
@@ -572,7 +635,7 @@ async fn main() -> Result<()> {
             policy,
             out,
         } => {
-            let (name, workload, rate) = timed_workload(&workload, &arrivals)?;
+            let (name, workload, rate) = timed_workload(&workload, &arrivals, DEFAULT_MAX_CONTEXT)?;
             let requests = workload.requests;
             crosscheck(&name, rate, &requests, workers, policy, out).await?;
         }

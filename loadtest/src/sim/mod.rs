@@ -406,6 +406,7 @@ impl Simulation<'_> {
             record.end_ms = Some(now);
             record.cached_tokens = seq.cached_prompt_tokens();
             record.output_tokens = output;
+            let request_id = record.id.to_string();
             self.remaining -= 1;
             let load = &mut self.views[w].load;
             load.outstanding = load.outstanding.saturating_sub(1);
@@ -424,6 +425,10 @@ impl Simulation<'_> {
                 ttft_ms: first - job.accepted_ms,
                 tpot_ms,
                 now_ms: now as u64,
+            });
+            let _ = self.policy.observe(&ClusterEvent::Released {
+                worker: &self.workers[w].id,
+                request_id: &request_id,
             });
         }
         self.publish_cache_events(w, now);

@@ -43,9 +43,9 @@ pub struct Args {
     /// E2: weight of a worker's queued prefill in its load cost (0: the paper's load cost).
     #[arg(long, env = "PREBLE_QUEUE_WEIGHT", default_value_t = 1.0)]
     pub queue_weight: f64,
-    /// E2: also rebalance as the paper's code does, moving whole prefixes from the most to the
-    /// least loaded worker (off: slower on skewed workloads in simulation).
-    #[arg(long, env = "PREBLE_SUBTREE_REBALANCE")]
+    /// E2: also rebalance as the paper does, moving whole prefixes from the most to the least
+    /// loaded worker (`false`: only the per-request rule and replication balance load).
+    #[arg(long, env = "PREBLE_SUBTREE_REBALANCE", default_value_t = true, action = clap::ArgAction::Set)]
     pub subtree_rebalance: bool,
     /// E2 and kv-cost: softmax temperature over normalised costs (0: pick the minimum).
     #[arg(long, env = "PREBLE_TEMPERATURE", default_value_t = 0.0)]

@@ -339,6 +339,16 @@ impl Router {
         });
     }
 
+    /// Releases a request's charge in the cluster's books and the policy's.
+    fn release(&mut self, request_id: &str) {
+        if let Some(outstanding) = self.cluster.release(request_id) {
+            let _ = self.policy.observe(&ClusterEvent::Released {
+                worker: &outstanding.worker,
+                request_id,
+            });
+        }
+    }
+
     fn on_result(&mut self, result: DispatchResult) {
         self.in_flight -= 1;
         let DispatchResult {
@@ -354,7 +364,7 @@ impl Router {
                 retryable: false,
             }) => {
                 self.metrics.dispatch_failures.inc();
-                self.cluster.release(&pending.request.request_id);
+                self.release(&pending.request.request_id);
                 self.fail(pending, code, message);
                 return;
             }
@@ -375,7 +385,7 @@ impl Router {
             }
         };
         self.metrics.dispatch_failures.inc();
-        self.cluster.release(&pending.request.request_id);
+        self.release(&pending.request.request_id);
         warn!(request = %pending.request.request_id, %worker, reason = %retry_reason, "dispatch not accepted");
         if pending.attempts >= self.config.max_attempts {
             let why = format!(
@@ -431,6 +441,11 @@ impl Router {
             }),
             _ => Ok(()),
         };
+        if let Some(request_id) = &observed.released {
+            let _ = self
+                .policy
+                .observe(&ClusterEvent::Released { worker, request_id });
+        }
         match applied {
             Ok(()) => self.persist_event(&event),
             Err(e) => {

@@ -1,15 +1,19 @@
 //! Decision throughput and latency of the policies on a ToolBench-like stream (1,000 tool
 //! prefixes of 1,400 tokens, each request a prefix plus a 435-token query: the paper's 1,835
 //! mean prompt with 76% key portion), 50,000 requests routed back to back on one core, at 8,
-//! 64 and 256 workers; and the global tree's memory per distinct token.
+//! 64 and 256 workers, each released 100 requests later; the same with every worker caching
+//! what it is sent in a real radix cache (its events feeding the policy, so E2's eviction walk
+//! runs); and the global tree's memory per distinct token.
 
+use std::collections::VecDeque;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use preble_localsched::{CacheEvent, RadixCache};
 use preble_policy::{
-    ClusterView, E2, E2Config, Policy, PolicyKind, PolicySettings, RouteRequest, WorkerLoad,
-    WorkerView,
+    ClusterEvent, ClusterView, E2, E2Config, Policy, PolicyKind, PolicySettings, RouteRequest,
+    WorkerLoad, WorkerView,
 };
 use preble_prefix::mix64;
 
@@ -17,6 +21,10 @@ const PREFIXES: u64 = 1_000;
 const PREFIX_TOKENS: u64 = 1_400;
 const QUERY_TOKENS: u64 = 435;
 const REQUESTS: u64 = 50_000;
+/// Requests routed and not yet released at any time.
+const IN_FLIGHT: usize = 100;
+/// KV capacity of a worker (Mistral-7B on an A6000, from the paper's code).
+const KV_CAPACITY: u32 = 198_516;
 
 fn toolbench_prompt(i: u64, out: &mut Vec<u32>) {
     out.clear();
@@ -30,18 +38,73 @@ fn workers(n: usize) -> Vec<WorkerView> {
         .map(|i| WorkerView {
             id: format!("gpu-{i}"),
             load: WorkerLoad::default(),
-            kv_capacity_tokens: 198_516,
+            kv_capacity_tokens: u64::from(KV_CAPACITY),
         })
         .collect()
 }
 
-/// Routes `REQUESTS` requests; returns per-decision latencies.
-fn run(policy: &mut dyn Policy, ws: &[WorkerView]) -> Vec<Duration> {
+/// Each worker's real radix cache, fed with what the policy sends it; its events go back to
+/// the policy as the scheduler would pass them on.
+struct Caches(Vec<RadixCache>);
+
+impl Caches {
+    fn new(n: usize) -> Self {
+        Self((0..n).map(|_| RadixCache::new(KV_CAPACITY)).collect())
+    }
+
+    fn serve(&mut self, policy: &mut dyn Policy, worker: &str, prompt: &[u32], now_ms: u64) {
+        let Some(w) = worker
+            .strip_prefix("gpu-")
+            .and_then(|i| i.parse::<usize>().ok())
+        else {
+            return;
+        };
+        let cache = &mut self.0[w];
+        let m = cache.match_prefix(prompt, prompt.len());
+        cache.pin(m.node);
+        if let Some(own) = cache.alloc(prompt.len() - m.len) {
+            let mut slots = m.slots;
+            slots.extend(own);
+            cache.insert(prompt, &mut slots);
+        }
+        cache.unpin(m.node);
+        for event in cache.take_events() {
+            let _ = match &event {
+                CacheEvent::Inserted(span) => policy.observe(&ClusterEvent::CacheInserted {
+                    worker,
+                    parent_hash: span.parent_hash,
+                    hash: span.hash,
+                    tokens: &span.tokens,
+                    now_ms,
+                }),
+                CacheEvent::Evicted { hash, num_tokens } => {
+                    policy.observe(&ClusterEvent::CacheEvicted {
+                        worker,
+                        hash: *hash,
+                        num_tokens: *num_tokens,
+                    })
+                }
+            };
+        }
+    }
+}
+
+/// Routes `REQUESTS` requests, releasing each `IN_FLIGHT` requests later (and caching it on
+/// its worker first, with `caches`); returns per-decision latencies and how many decisions
+/// charged the chosen worker an eviction cost.
+fn run(
+    policy: &mut dyn Policy,
+    ws: &[WorkerView],
+    mut caches: Option<&mut Caches>,
+) -> (Vec<Duration>, usize) {
+    let mut evicting = 0;
     let mut prompt = Vec::new();
     let mut latencies = Vec::with_capacity(REQUESTS as usize);
+    let mut in_flight = VecDeque::new();
     for i in 0..REQUESTS {
         toolbench_prompt(i, &mut prompt);
         let id = format!("r{i}");
+        let now_ms = i / 10;
         let started = Instant::now();
         let d = policy.route(
             &ClusterView { workers: ws },
@@ -49,13 +112,30 @@ fn run(policy: &mut dyn Policy, ws: &[WorkerView]) -> Vec<Duration> {
                 request_id: &id,
                 prompt: &prompt,
                 max_tokens: 43,
-                now_ms: i / 10,
+                now_ms,
             },
         );
         latencies.push(started.elapsed());
-        black_box(d.ok());
+        let Ok(d) = black_box(d) else {
+            continue;
+        };
+        if d.reason.contains(" M=") && !d.reason.contains(" M=0.0ms") {
+            evicting += 1;
+        }
+        if let Some(caches) = caches.as_deref_mut() {
+            caches.serve(policy, &d.worker, &prompt, now_ms);
+        }
+        in_flight.push_back((id, d.worker));
+        if in_flight.len() > IN_FLIGHT
+            && let Some((request_id, worker)) = in_flight.pop_front()
+        {
+            let _ = policy.observe(&ClusterEvent::Released {
+                worker: &worker,
+                request_id: &request_id,
+            });
+        }
     }
-    latencies
+    (latencies, evicting)
 }
 
 fn report(name: &str, n: usize, mut latencies: Vec<Duration>) {
@@ -79,8 +159,31 @@ fn throughput(_: &mut Criterion) {
                 continue;
             }
             let mut policy = kind.build(&PolicySettings::default());
-            let latencies = run(policy.as_mut(), &ws);
+            let (latencies, _) = run(policy.as_mut(), &ws, None);
             report(policy.name(), n, latencies);
+        }
+    }
+}
+
+/// The same stream with every worker caching what it is sent: the tree holds real cache
+/// contents, full caches make E2 walk eviction orders.
+fn throughput_with_caches(_: &mut Criterion) {
+    for n in [8, 64] {
+        let ws = workers(n);
+        for kind in [PolicyKind::E2, PolicyKind::CacheAware, PolicyKind::KvCost] {
+            if n != 8 && kind != PolicyKind::E2 {
+                continue;
+            }
+            let mut policy = kind.build(&PolicySettings::default());
+            let mut caches = Caches::new(n);
+            let (latencies, evicting) = run(policy.as_mut(), &ws, Some(&mut caches));
+            report(&format!("{}+caches", policy.name()), n, latencies);
+            if kind == PolicyKind::E2 {
+                eprintln!(
+                    "{:>16} decisions charged an eviction cost (M > 0)",
+                    evicting
+                );
+            }
         }
     }
 }
@@ -88,7 +191,7 @@ fn throughput(_: &mut Criterion) {
 fn tree_memory(_: &mut Criterion) {
     let ws = workers(8);
     let mut e2 = E2::new(E2Config::default());
-    run(&mut e2, &ws);
+    run(&mut e2, &ws, None);
     let tree = &e2.mirror().tree;
     eprintln!(
         "tree: {} distinct tokens in {} nodes, {:.1} bytes per token",
@@ -142,5 +245,11 @@ fn day_of_unique_prompts(_: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, throughput, tree_memory, day_of_unique_prompts);
+criterion_group!(
+    benches,
+    throughput,
+    throughput_with_caches,
+    tree_memory,
+    day_of_unique_prompts
+);
 criterion_main!(benches);

@@ -16,11 +16,11 @@
 //!   equal across workers while their queues differed six-fold, and E2 trailed cache-aware
 //!   routing under overload (BENCHMARKS.md). The queue term matters with few, long requests:
 //!   the window balances work over minutes, while a request waits behind what is queued now.
-//! - M (eviction): the tokens this request would make the worker evict (what it holds plus the
-//!   request's missed tokens beyond its capacity), at prefill cost, weighted by how much of the
-//!   worker's recent prompts came from its cache (evicting a cache nobody reuses costs nothing).
-//!   The paper walks the worker's LRU order and weights each node by its requests; this
-//!   keeps the same meaning at O(1) per worker.
+//! - M (eviction), as in the paper: when the request's missed tokens do not fit beside what
+//!   the worker holds, walk its cache in eviction order (least recently used first, skipping
+//!   nodes a running request uses and the request's own path) until they fit; each node it
+//!   would give up costs its prefill time times the share of the worker's requests in the
+//!   window that went through it (evicting what nobody reuses costs nothing).
 //! - P (prefill): the request's missed tokens on that worker. (The paper's public code leaves
 //!   P out; we don't.)
 //!
@@ -65,12 +65,11 @@ pub struct E2Config {
     /// the window alone says how busy it was, the queue how soon it can start this request
     /// (0: the paper's load cost).
     pub queue_weight: f64,
-    /// Move the ownership of whole prefixes from the most to the least loaded worker when
-    /// their loads differ by more than `rebalance_threshold` (the paper's rebalancing). Off by
-    /// default: in simulation it was level on the standard workloads and 1.4-1.6x slower on
-    /// skewed keys, where a hot prefix's stream, moved whole, overloads its new owner
-    /// (BENCHMARKS.md); the per-request rule (an overloaded holder's request explores) and
-    /// replication balance better.
+    /// Move the ownership of whole prefixes (key portions used at least twice in the window)
+    /// from the most to the least loaded worker when their loads differ by more than
+    /// `rebalance_threshold` (the paper's rebalancing), skipping a prefix whose stream alone
+    /// would overshoot: a hot prefix moved whole would only make its new owner the heavy one.
+    /// An owner that becomes overloaded itself is passed over like any holder.
     pub subtree_rebalance: bool,
     /// Least time between two ownership rebalancing steps, milliseconds.
     pub rebalance_interval_ms: u64,
@@ -96,7 +95,7 @@ impl Default for E2Config {
             replicate_min_samples: 8,
             decode_discount: 0.5,
             queue_weight: 1.0,
-            subtree_rebalance: false,
+            subtree_rebalance: true,
             rebalance_interval_ms: 1_000,
             temperature: 0.0,
             max_tree_tokens: DEFAULT_MAX_TREE_TOKENS,
@@ -113,8 +112,6 @@ struct Routed {
     at_ms: u64,
     prefill_ms: f64,
     key: Option<PrefixKey>,
-    prompt_tokens: u32,
-    hit_tokens: u32,
 }
 
 /// A worker's recent history.
@@ -122,8 +119,6 @@ struct Routed {
 struct WorkerWindow {
     routed: VecDeque<Routed>,
     prefill_ms: f64,
-    prompt_tokens: u64,
-    hit_tokens: u64,
     ttft: VecDeque<(u64, f64)>,
 }
 
@@ -133,8 +128,6 @@ impl WorkerWindow {
         while self.routed.front().is_some_and(|r| r.at_ms < since) {
             if let Some(r) = self.routed.pop_front() {
                 self.prefill_ms -= r.prefill_ms;
-                self.prompt_tokens -= u64::from(r.prompt_tokens);
-                self.hit_tokens -= u64::from(r.hit_tokens);
             }
         }
         if self.routed.is_empty() {
@@ -158,18 +151,7 @@ impl WorkerWindow {
 
     fn push(&mut self, r: Routed) {
         self.prefill_ms += r.prefill_ms;
-        self.prompt_tokens += u64::from(r.prompt_tokens);
-        self.hit_tokens += u64::from(r.hit_tokens);
         self.routed.push_back(r);
-    }
-
-    /// Fraction of recent prompt tokens this worker served from its cache.
-    fn reuse(&self) -> f64 {
-        if self.prompt_tokens == 0 {
-            0.0
-        } else {
-            self.hit_tokens as f64 / self.prompt_tokens as f64
-        }
     }
 
     /// Whether TTFT grew: the second half-window's mean at least `ratio` x the first's and at
@@ -240,6 +222,9 @@ pub struct E2 {
     /// step moved them there, and when.
     owners: FxHashMap<u64, (WorkerIdx, u64)>,
     last_rebalance_ms: u64,
+    /// Requests routed and not yet released (by request-id hash): their worker and path end,
+    /// so their nodes stay pinned in the tree while they run.
+    running: FxHashMap<u64, (WorkerIdx, u64)>,
 }
 
 /// One worker's terms for one request.
@@ -262,8 +247,10 @@ impl E2 {
     /// An E2 policy.
     pub fn new(config: E2Config) -> Self {
         let prior_tpot_ms = config.profile.decode_step_ms(16, 16 * 1024);
+        let mut mirror = Mirror::new(config.max_tree_tokens);
+        mirror.tree.set_window(config.window_ms);
         Self {
-            mirror: Mirror::new(config.max_tree_tokens),
+            mirror,
             config,
             windows: Vec::new(),
             tpot: RecentMedian::default(),
@@ -272,6 +259,7 @@ impl E2 {
             prior_tpot_ms,
             owners: FxHashMap::default(),
             last_rebalance_ms: 0,
+            running: FxHashMap::default(),
         }
     }
 
@@ -334,17 +322,21 @@ impl E2 {
         let Some(win) = self.windows.get(usize::from(heavy.w)) else {
             return;
         };
-        let mut uses: FxHashMap<u64, (u32, u32)> = FxHashMap::default();
+        // Each key portion the heavy worker served in the window, with its requests there
+        // (the tree's count: it also counts requests from before the key's node was split
+        // off a longer prompt).
+        let mut keys: FxHashMap<u64, u32> = FxHashMap::default();
         for key in win.routed.iter().filter_map(|r| r.key) {
-            uses.entry(key.hash).or_insert((0, key.tokens)).0 += 1;
+            keys.insert(key.hash, key.tokens);
         }
         let per_request = heavy.load / win.routed.len().max(1) as f64;
-        let mut candidates: Vec<(u64, u32, u32)> = uses
+        let tree = &self.mirror.tree;
+        let mut candidates: Vec<(u64, f64, u32)> = keys
             .into_iter()
-            .filter(|&(hash, (count, _))| {
-                count >= 2 && self.owners.get(&hash).is_none_or(|(o, _)| *o == heavy.w)
+            .map(|(hash, tokens)| (hash, tree.window_requests(hash, heavy.w, now_ms), tokens))
+            .filter(|&(hash, count, _)| {
+                count >= 2.0 && self.owners.get(&hash).is_none_or(|(o, _)| *o == heavy.w)
             })
-            .map(|(hash, (count, tokens))| (hash, count, tokens))
             .collect();
         candidates.sort_unstable_by_key(|&(hash, _, tokens)| (tokens, hash));
         let mut moved = 0.0;
@@ -352,8 +344,14 @@ impl E2 {
             if heavy.load - moved < threshold * (light.load + moved) {
                 break;
             }
+            // A prefix whose stream alone exceeds half the gap would only make the light
+            // worker the heavy one.
+            let carried = count * per_request;
+            if light.load + moved + carried > heavy.load - moved - carried {
+                continue;
+            }
             self.owners.insert(hash, (light.w, now_ms));
-            moved += f64::from(count) * per_request;
+            moved += carried;
         }
     }
 
@@ -377,6 +375,32 @@ impl E2 {
         }
         let mean_rest = rest.iter().sum::<f64>() / rest.len() as f64;
         recent(w).unwrap_or(0.0) >= self.config.replicate_ttft_ratio * mean_rest
+    }
+
+    /// M: the cost of recomputing what `w` would evict to free `need` tokens, each node at
+    /// its prefill time weighted by the share of `w`'s `window_requests` that used it.
+    fn eviction_cost(
+        &self,
+        w: WorkerIdx,
+        need: u64,
+        window_requests: usize,
+        keep: &[crate::tree::NodeIdx],
+        now_ms: u64,
+    ) -> f64 {
+        if need == 0 || window_requests == 0 {
+            return 0.0;
+        }
+        let mut cost = 0.0;
+        let profile = &self.config.profile;
+        self.mirror
+            .tree
+            .eviction_victims(w, need, keep, now_ms, |victim| {
+                let share = (victim.requests / window_requests as f64).min(1.0);
+                if share > 0.0 {
+                    cost += profile.prefill_ms(victim.tokens.max(1), victim.context) * share;
+                }
+            });
+        cost
     }
 
     /// Picks among `terms` by total cost: the minimum with random ties, or a softmax draw.
@@ -433,9 +457,10 @@ impl Policy for E2 {
             let queue_weight = self.config.queue_weight;
             let win = self.window(w);
             win.expire(now, window_ms);
+            let prefill_load = win.prefill_ms.max(0.0);
+            let window_requests = win.routed.len();
             let cached = matched.len_for(w).min(prompt_len.saturating_sub(1));
             let missed = prompt_len - cached;
-            let prefill_load = win.prefill_ms.max(0.0);
             let decode_load = f64::from(view.load.outstanding) * decode_ms;
             let load = queue_weight * queue_ms
                 + prefill_load
@@ -444,20 +469,12 @@ impl Policy for E2 {
                 } else {
                     decode_load
                 };
-            let reuse = win.reuse();
             let evict_tokens = if view.kv_capacity_tokens == 0 {
                 0
             } else {
                 (held + u64::from(missed)).saturating_sub(view.kv_capacity_tokens)
             };
-            let evict = if evict_tokens == 0 {
-                0.0
-            } else {
-                self.config
-                    .profile
-                    .prefill_ms(evict_tokens.min(u64::from(u32::MAX)) as u32, 0)
-                    * reuse
-            };
+            let evict = self.eviction_cost(w, evict_tokens, window_requests, &matched.path, now);
             let prefill = self.config.profile.prefill_ms(missed.max(1), cached);
             terms.push(Terms {
                 w,
@@ -476,7 +493,12 @@ impl Policy for E2 {
             .copied();
         let best_cached = terms.iter().map(|t| t.cached).max().unwrap_or(0);
         let exploit = best_cached > prompt_len - best_cached;
-        let (chosen, kind) = if let Some(owner) = owner.filter(|_| exploit) {
+        let lightest = terms.iter().map(|t| t.load).fold(f64::INFINITY, f64::min);
+        let warm = self.routed_total >= self.config.warmup_requests;
+        let overloaded =
+            |t: &Terms| warm && t.load > self.config.rebalance_threshold * lightest + full_prefill;
+        let owner = owner.filter(|o| exploit && !overloaded(o));
+        let (chosen, kind) = if let Some(owner) = owner {
             let kind = if owner.cached == best_cached {
                 DecisionKind::Exploit
             } else {
@@ -494,10 +516,7 @@ impl Policy for E2 {
                 })
                 .collect();
             let holder = self.pick(&holders, request.request_id, 1);
-            let lightest = terms.iter().map(|t| t.load).fold(f64::INFINITY, f64::min);
-            let warm = self.routed_total >= self.config.warmup_requests;
-            let overloaded =
-                warm && holder.load > self.config.rebalance_threshold * lightest + full_prefill;
+            let overloaded = overloaded(&holder);
             let hot = self.windows[usize::from(holder.w)].ttft_growing(
                 now,
                 self.config.window_ms,
@@ -542,13 +561,20 @@ impl Policy for E2 {
             .position(|t| t.w == chosen.w)
             .ok_or(RouteError::NoEligibleWorker)?;
         let worker = ids[position].to_string();
-        let key = self.mirror.tree.record_route(request.prompt, chosen.w, now);
+        let path = self.mirror.tree.record_route(request.prompt, chosen.w, now);
+        let request_hash = hash_str(request.request_id);
+        if let Some((w, end)) = self.running.remove(&request_hash) {
+            // Routed again (its first worker did not take it).
+            self.mirror.tree.end_request(end, w);
+        }
+        if let Some(path) = path {
+            self.mirror.tree.begin_request(path.end_hash, chosen.w);
+            self.running.insert(request_hash, (chosen.w, path.end_hash));
+        }
         self.window(chosen.w).push(Routed {
             at_ms: now,
             prefill_ms: chosen.prefill,
-            key,
-            prompt_tokens: prompt_len,
-            hit_tokens: chosen.cached,
+            key: path.and_then(|p| p.key),
         });
         self.routed_total += 1;
         Ok(Decision {
@@ -587,10 +613,16 @@ impl Policy for E2 {
                 self.window(w).ttft.push_back((now_ms, ttft_ms));
             }
         }
+        if let ClusterEvent::Released { request_id, .. } = *event
+            && let Some((w, end)) = self.running.remove(&hash_str(request_id))
+        {
+            self.mirror.tree.end_request(end, w);
+        }
         if let ClusterEvent::WorkerGone { worker } = *event
             && let Some(w) = self.mirror.known(worker)
         {
             *self.window(w) = WorkerWindow::default();
+            self.running.retain(|_, (x, _)| *x != w);
         }
         self.mirror.observe(event)
     }

@@ -5,7 +5,8 @@
 //! - [`view`]: the domain types a policy sees (workers and their load, the request, cluster
 //!   events).
 //! - [`decision`]: what a policy returns (worker, kind, reason) and its errors.
-//! - [`tree`]: the global prefix tree mirroring the workers' caches; [`workers`]: worker sets;
+//! - [`tree`]: the global prefix tree mirroring the workers' caches; [`usage`]: a worker's use
+//!   of a node (windowed and running requests, last use); [`workers`]: worker sets;
 //!   [`mirror`]: the tree plus worker indices, fed by cluster events.
 //! - [`tiebreak`]: seeded random choice among equally good workers.
 //! - Policies: [`e2`] (Preble's), and the baselines [`cache_aware`] (SGLang router style),
@@ -21,6 +22,7 @@ pub mod mirror;
 pub mod round_robin;
 pub mod tiebreak;
 pub mod tree;
+pub mod usage;
 pub mod view;
 pub mod workers;
 

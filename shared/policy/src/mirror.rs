@@ -135,7 +135,7 @@ impl Mirror {
                 }
                 Ok(())
             }
-            ClusterEvent::Finished { .. } => Ok(()),
+            ClusterEvent::Finished { .. } | ClusterEvent::Released { .. } => Ok(()),
         }
     }
 }

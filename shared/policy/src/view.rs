@@ -84,6 +84,14 @@ pub enum ClusterEvent<'a> {
         /// The worker.
         worker: &'a str,
     },
+    /// A request routed to a worker ended there, however it ended (finished, failed,
+    /// cancelled, refused at dispatch): what the policy charged for it can be released.
+    Released {
+        /// The worker it was routed to.
+        worker: &'a str,
+        /// The request's id, as routed.
+        request_id: &'a str,
+    },
     /// A request finished on a worker.
     Finished {
         /// The worker.

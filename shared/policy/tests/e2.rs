@@ -451,41 +451,90 @@ mod worked_examples {
         }
     }
 
+    /// Routes `id` and releases it at once unless `keep_running`; returns where it went.
+    fn serve(
+        e2: &mut E2,
+        ws: &[WorkerView],
+        id: &str,
+        prompt: &[u32],
+        now_ms: u64,
+        keep_running: bool,
+    ) -> String {
+        let d = route(e2, ws, id, prompt, now_ms);
+        if !keep_running {
+            e2.observe(&ClusterEvent::Released {
+                worker: &d.worker,
+                request_id: id,
+            })
+            .expect("applies");
+        }
+        d.worker
+    }
+
     #[test]
-    fn eviction_cost_is_what_the_request_pushes_out_weighted_by_reuse() {
-        // gpu-0 holds 1,000 tokens in a 1,000-token cache and served them once cold, once from
-        // the cache (999 of 2,000 prompt tokens were hits). A new 1,000-token prompt would
-        // evict 1,000 tokens: M = P(1000) x 999/2000. gpu-1 is kept busy so gpu-0 is chosen
-        // and its terms show in the reason.
+    fn eviction_cost_walks_the_lru_order_weighting_each_prefix_by_its_requests() {
+        // gpu-0's 1,000-token cache holds prefix a (500 tokens, 3 requests in the window)
+        // and then b (500 tokens, 1 request, used last). A new 500-token prompt must evict
+        // 500 tokens: the least recently used, a, so M = P(500) x 3/4. While a request still
+        // runs through a, a cannot go and b is the victim: M = P(500) x 1/4. gpu-1 is kept
+        // busy so gpu-0 is chosen and its terms show in the reason.
+        for (a_running, share) in [(false, 0.75), (true, 0.25)] {
+            let mut ws = with_outstanding(&[0, 50]);
+            ws[0].kv_capacity_tokens = 1_000;
+            let mut e2 = E2::new(E2Config::default());
+            let a = prompt(23, 500, 0, 0);
+            let b = prompt(24, 500, 0, 0);
+            assert_eq!(serve(&mut e2, &ws, "a1", &a, 0, false), "gpu-0");
+            cache(&mut e2, "gpu-0", &a, 1);
+            assert_eq!(serve(&mut e2, &ws, "a2", &a, 2, false), "gpu-0");
+            assert_eq!(serve(&mut e2, &ws, "a3", &a, 3, a_running), "gpu-0");
+            assert_eq!(serve(&mut e2, &ws, "b1", &b, 4, false), "gpu-0");
+            cache(&mut e2, "gpu-0", &b, 5);
+            let y = prompt(25, 500, 0, 0);
+            let d = route(&mut e2, &ws, "y", &y, 10);
+            assert_eq!(
+                (d.worker.as_str(), d.kind),
+                ("gpu-0", DecisionKind::Explore)
+            );
+            let window_prefill = 2.0 * prefill(500, 0) + 2.0 * prefill(1, 499);
+            let evict = prefill(500, 0) * share;
+            assert_eq!(
+                d.reason,
+                format!(
+                    "cached=0/500 L={window_prefill:.1}ms M={evict:.1}ms P={:.1}ms",
+                    prefill(500, 0)
+                ),
+                "a running: {a_running}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_cache_nobody_reused_in_the_window_costs_nothing_to_evict() {
+        // The same cache, but a and b were used before the window (H = 1 s) began.
         let mut ws = with_outstanding(&[0, 50]);
         ws[0].kv_capacity_tokens = 1_000;
-        let mut e2 = E2::new(E2Config::default());
-        let x = prompt(23, 1000, 0, 0);
-        assert_eq!(route(&mut e2, &ws, "x1", &x, 0).worker, "gpu-0");
-        cache(&mut e2, "gpu-0", &x, 1);
-        let again = route(&mut e2, &ws, "x2", &x, 2);
-        assert_eq!((again.worker.as_str(), again.cached_tokens), ("gpu-0", 999));
-        let y = prompt(24, 1000, 0, 0);
-        let d = route(&mut e2, &ws, "y", &y, 3);
-        assert_eq!(
-            (d.worker.as_str(), d.kind),
-            ("gpu-0", DecisionKind::Explore)
-        );
-        let window_prefill = prefill(1000, 0) + prefill(1, 999);
-        let evict = prefill(1000, 0) * 999.0 / 2000.0;
-        assert_eq!(
-            d.reason,
-            format!(
-                "cached=0/1000 L={window_prefill:.1}ms M={evict:.1}ms P={:.1}ms",
-                prefill(1000, 0)
-            )
-        );
+        let mut e2 = E2::new(E2Config {
+            window_ms: 1_000,
+            ..E2Config::default()
+        });
+        let a = prompt(26, 500, 0, 0);
+        let b = prompt(27, 500, 0, 0);
+        serve(&mut e2, &ws, "a1", &a, 0, false);
+        cache(&mut e2, "gpu-0", &a, 1);
+        serve(&mut e2, &ws, "b1", &b, 2, false);
+        cache(&mut e2, "gpu-0", &b, 3);
+        serve(&mut e2, &ws, "c1", &prompt(28, 10, 0, 0), 5_000, false);
+        let d = route(&mut e2, &ws, "y", &prompt(29, 500, 0, 0), 5_001);
+        assert_eq!(d.worker, "gpu-0");
+        assert!(d.reason.contains(" M=0.0ms "), "{}", d.reason);
     }
 }
 
-/// Routes a hot prefix's requests to one worker, overloads that worker, and returns where a
-/// request goes right after (at 1 s) and then once the other worker is the busier one.
-fn route_around_a_rebalance(subtree_rebalance: bool) -> (String, [preble_policy::Decision; 2]) {
+/// Routes a hot prefix (4 requests) and a warm one (2 requests, shorter) to one worker,
+/// overloads that worker, and returns where a request for the warm prefix goes right after
+/// (at 1 s), then once the other worker is the busier one, and where the hot prefix goes then.
+fn route_around_a_rebalance(subtree_rebalance: bool) -> (String, [preble_policy::Decision; 3]) {
     let mut ws = workers(2);
     let mut e2 = E2::new(E2Config {
         warmup_requests: 0,
@@ -493,31 +542,39 @@ fn route_around_a_rebalance(subtree_rebalance: bool) -> (String, [preble_policy:
         ..E2Config::default()
     });
     let hot = |i: u32| prompt(30, 1500, i, 30);
-    let holder = route(&mut e2, &ws, "f0", &hot(0), 0).worker;
+    let warm = |i: u32| prompt(31, 1200, i, 30);
+    let holder = route(&mut e2, &ws, "h0", &hot(0), 0).worker;
     let (h, other) = if holder == "gpu-0" { (0, 1) } else { (1, 0) };
     // One request decoding on the other worker keeps the holder from shedding early.
     ws[other].load.outstanding = 1;
     for i in 1..4u32 {
-        let d = route(&mut e2, &ws, &format!("f{i}"), &hot(i), u64::from(i));
+        let d = route(&mut e2, &ws, &format!("h{i}"), &hot(i), u64::from(i));
+        assert_eq!(d.worker, holder, "{d:?}");
+    }
+    for i in 0..2u32 {
+        let d = route(&mut e2, &ws, &format!("w{i}"), &warm(i), u64::from(10 + i));
         assert_eq!(d.worker, holder, "{d:?}");
     }
     ws[h].load.outstanding = 10;
-    let moved = route(&mut e2, &ws, "f4", &hot(4), 1_000);
-    ws[h].load.outstanding = 0;
+    let moved = route(&mut e2, &ws, "w2", &warm(2), 1_000);
+    ws[h].load.outstanding = 2;
     ws[other].load.outstanding = 3;
-    let after = route(&mut e2, &ws, "f5", &hot(5), 1_100);
-    (holder, [moved, after])
+    let after = route(&mut e2, &ws, "w3", &warm(3), 1_100);
+    let hot_after = route(&mut e2, &ws, "h4", &hot(4), 1_200);
+    (holder, [moved, after, hot_after])
 }
 
 #[test]
 fn subtree_rebalancing_moves_a_prefix_to_a_new_owner_that_keeps_it() {
-    let (holder, [moved, after]) = route_around_a_rebalance(true);
+    let (holder, [moved, after, hot_after]) = route_around_a_rebalance(true);
     assert_eq!(moved.kind, DecisionKind::Rebalance, "{moved:?}");
     assert_ne!(moved.worker, holder);
-    // The prefix now belongs to the other worker, though it is the busier one now.
+    // The warm prefix now belongs to the other worker, though it is the busier one now.
     assert_eq!(after.worker, moved.worker, "{after:?}");
+    // The hot prefix stayed: its stream alone would have made the other worker the heavy one.
+    assert_eq!(hot_after.worker, holder, "{hot_after:?}");
     // Without it, the request after goes back to the less loaded copy.
-    let (holder, [moved, after]) = route_around_a_rebalance(false);
+    let (holder, [moved, after, _]) = route_around_a_rebalance(false);
     assert_ne!(moved.worker, holder);
     assert_eq!(after.worker, holder, "{after:?}");
 }

@@ -13,13 +13,17 @@ enum Op {
     Insert(usize, Vec<u32>),
     Match(usize, Vec<u32>),
     Evict(usize, u64),
+    /// The scheduler routes a request to a fourth worker that never caches anything (the tree
+    /// alone learns of it: its nodes split under the others').
+    Route(Vec<u32>),
 }
 
 fn op(workers: usize) -> impl Strategy<Value = Op> {
     let path = proptest::collection::vec(0u32..3, 1..16);
     prop_oneof![
         4 => (0..workers, path.clone()).prop_map(|(w, p)| Op::Insert(w, p)),
-        1 => (0..workers, path).prop_map(|(w, p)| Op::Match(w, p)),
+        1 => (0..workers, path.clone()).prop_map(|(w, p)| Op::Match(w, p)),
+        1 => path.prop_map(Op::Route),
         1 => (0..workers, 1u64..12).prop_map(|(w, n)| Op::Evict(w, n)),
     ]
 }
@@ -56,6 +60,7 @@ proptest! {
         for (now, op) in ops.into_iter().enumerate() {
             let w = match &op {
                 Op::Insert(w, _) | Op::Match(w, _) | Op::Evict(w, _) => *w,
+                Op::Route(_) => 0,
             };
             let cache = &mut caches[w];
             match op {
@@ -75,6 +80,9 @@ proptest! {
                 Op::Evict(_, n) => {
                     cache.evict(n);
                 }
+                Op::Route(tokens) => {
+                    tree.record_route(&tokens, 3, now as u64);
+                }
             }
             for event in cache.take_events() {
                 match event {
@@ -91,9 +99,13 @@ proptest! {
                 prop_assert_eq!(tree.held_prefixes(i as u16), want, "worker {}", i);
                 prop_assert_eq!(tree.held_tokens(i as u16), cache.cached_tokens());
             }
+            if let Err(e) = tree.check_eviction_order() {
+                prop_assert!(false, "{}", e);
+            }
         }
         // Matching: each worker's length is its longest cached prefix.
         let probe = [0u32, 1, 2, 0, 1, 2, 0, 0, 1, 1];
+        tree.clear_worker(3);
         let m = tree.match_prefix(&probe);
         for (i, cache) in caches.iter().enumerate() {
             prop_assert_eq!(m.len_for(i as u16) as usize, cache.peek_match_len(&probe));
