@@ -170,6 +170,8 @@ pub struct GlobalTree {
     total_tokens: u64,
     max_tokens: u64,
     window_ms: u64,
+    /// When stale routed marks were last expired.
+    expired_at_ms: u64,
 }
 
 impl GlobalTree {
@@ -192,6 +194,7 @@ impl GlobalTree {
             total_tokens: 0,
             max_tokens,
             window_ms: DEFAULT_WINDOW_MS,
+            expired_at_ms: 0,
         }
     }
 
@@ -306,11 +309,50 @@ impl GlobalTree {
             let node = &self.nodes[id as usize];
             key.node(node.hash, node.tokens.len() as u32);
         }
+        if now_ms >= self.expired_at_ms.saturating_add(self.window_ms / 8) {
+            self.expire_routed(now_ms);
+        }
         self.enforce_bound();
         Some(RoutedPath {
             key: key.key,
             end_hash,
         })
+    }
+
+    /// Forgets stale predictions: a worker's routed mark on a node it does not hold, when no
+    /// request through the node was sent to it for a whole window and none runs there (its
+    /// cache never took the prefix, or the request failed first); then prunes the leaves
+    /// nobody holds, was sent or runs. [`GlobalTree::record_route`] calls it every eighth of
+    /// a window.
+    pub fn expire_routed(&mut self, now_ms: u64) {
+        self.expired_at_ms = now_ms;
+        let since = now_ms.saturating_sub(self.window_ms);
+        let mut leaves = Vec::new();
+        for id in 1..self.nodes.len() as NodeIdx {
+            let n = &self.nodes[id as usize];
+            if n.tokens.is_empty() {
+                continue;
+            }
+            let stale: Vec<WorkerIdx> = n
+                .routed
+                .iter()
+                .filter(|&w| {
+                    !n.holders.contains(w)
+                        && n.use_of(w)
+                            .is_none_or(|u| u.last_ms < since && u.active == 0)
+                })
+                .collect();
+            for w in stale {
+                self.mark(id, w, Mark::Routed, false);
+            }
+            if self.nodes[id as usize].children == 0 {
+                leaves.push(id);
+            }
+        }
+        for id in leaves {
+            self.remove_if_unused(id);
+        }
+        self.merge_chains();
     }
 
     /// Marks a request through the path ending at `end_hash` as running on `w`: its nodes are
@@ -953,6 +995,36 @@ mod tests {
         assert_eq!(tree.window_requests(path_hash(&other), 1, 10), 1.0);
         // Three windows on, they have all gone.
         assert_eq!(tree.window_requests(upper, 0, 3 * DEFAULT_WINDOW_MS), 0.0);
+    }
+
+    #[test]
+    fn predictions_no_worker_confirmed_expire_after_a_window() {
+        let mut tree = GlobalTree::new(1_000);
+        tree.set_window(1_000);
+        let held: Vec<u32> = (0..10).collect();
+        let guessed: Vec<u32> = (100..110).collect();
+        // gpu-1 caches `held` (and was sent it); gpu-0 was sent both but never cached either.
+        tree.record_route(&held, 1, 0);
+        hold(&mut tree, 1, &held, 1);
+        tree.record_route(&held, 0, 2);
+        tree.record_route(&guessed, 0, 3);
+        assert_eq!(tree.match_prefix(&guessed).len_for(0), 10);
+        // Within the window nothing expires.
+        tree.expire_routed(900);
+        assert_eq!(tree.match_prefix(&held).len_for(0), 10);
+        // A window on, gpu-0's marks are gone, the node it alone was sent with them; what
+        // gpu-1 holds stays.
+        tree.expire_routed(1_500);
+        assert_eq!(tree.match_prefix(&guessed).known, 0);
+        let m = tree.match_prefix(&held);
+        assert_eq!((m.len_for(0), m.len_for(1)), (0, 10));
+        assert_eq!(tree.total_tokens(), 10);
+        // A request still running keeps its worker's mark however old.
+        let r = tree.record_route(&guessed, 0, 2_000).expect("a path");
+        tree.begin_request(r.end_hash, 0);
+        tree.expire_routed(10_000);
+        assert_eq!(tree.match_prefix(&guessed).len_for(0), 10);
+        tree.check_eviction_order().expect("consistent");
     }
 
     #[test]
