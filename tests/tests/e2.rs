@@ -177,3 +177,42 @@ async fn a_restarted_scheduler_loses_no_request_and_finds_the_cached_prefixes_ag
             >= u64::from(PREFIX_TOKENS)
     );
 }
+
+/// Polls the scheduler's count of running requests until it equals `want` (10 s at most).
+async fn running_requests_reach(cluster: &TestCluster, want: f64) -> f64 {
+    let mut seen = f64::NAN;
+    for _ in 0..200 {
+        seen = scrape(
+            &cluster.scheduler_metrics,
+            "preble:scheduler_tree_running_requests",
+        )
+        .await
+        .unwrap();
+        if seen == want {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    seen
+}
+
+#[tokio::test]
+async fn e2_pins_a_requests_prefix_while_it_runs_and_releases_it_when_done() {
+    let cluster = TestCluster::start(Options {
+        workers: 2,
+        time_scale: 1.0,
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    // 150 tokens at real-time sim speed: a few seconds of decoding.
+    let body = request(&cluster.model, 0, 0, 150);
+    let gateway = cluster.gateway.clone();
+    let long = tokio::spawn(async move { post(&gateway, "/v1/completions", &body).await });
+    let during = running_requests_reach(&cluster, 1.0).await;
+    assert_eq!(during, 1.0, "while it runs\n{}", cluster.logs());
+    let (status, out) = long.await.unwrap();
+    assert_eq!(status, 200, "{out}");
+    let after = running_requests_reach(&cluster, 0.0).await;
+    assert_eq!(after, 0.0, "after it finished\n{}", cluster.logs());
+}

@@ -35,6 +35,8 @@ pub struct Metrics {
     pub tree_nodes: IntGauge,
     /// Tokens of the policy's prefix tree.
     pub tree_tokens: IntGauge,
+    /// Requests the policy counts as running (their prefixes pinned in its tree).
+    pub tree_running_requests: IntGauge,
     /// Each worker's own estimate of the time to drain its queue (from its load reports).
     pub worker_drain_ms: IntGaugeVec,
     /// Tree ops and snapshots queued for Redis and not yet written (persistence lag).
@@ -176,6 +178,14 @@ impl Metrics {
                 IntGauge::with_opts(opts(
                     "preble:scheduler_tree_tokens",
                     "Tokens of the policy's prefix tree",
+                ))
+                .expect("valid metric"),
+            ),
+            tree_running_requests: reg(
+                &registry,
+                IntGauge::with_opts(opts(
+                    "preble:scheduler_tree_running_requests",
+                    "Requests the policy counts as running: routed, not yet released",
                 ))
                 .expect("valid metric"),
             ),

@@ -599,6 +599,9 @@ impl Router {
         if let Some(size) = self.policy.tree_size() {
             self.metrics.tree_nodes.set(size.nodes as i64);
             self.metrics.tree_tokens.set(size.tokens as i64);
+            self.metrics
+                .tree_running_requests
+                .set(size.running_requests as i64);
         }
         if let Some(p) = &self.persistence {
             self.metrics

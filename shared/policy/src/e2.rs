@@ -600,7 +600,10 @@ impl Policy for E2 {
     }
 
     fn tree_size(&self) -> Option<crate::TreeSize> {
-        Some(self.mirror.size())
+        Some(crate::TreeSize {
+            running_requests: self.running.len(),
+            ..self.mirror.size()
+        })
     }
 
     fn export(&self) -> Vec<crate::ExportedSpan> {

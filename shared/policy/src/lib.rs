@@ -76,6 +76,9 @@ pub struct TreeSize {
     pub nodes: usize,
     /// Tokens on all edges.
     pub tokens: u64,
+    /// Requests the policy counts as running (routed and not yet released); their paths
+    /// are pinned in the tree. 0 for policies that do not track them.
+    pub running_requests: usize,
 }
 
 /// The policies a scheduler can run, by command-line name.

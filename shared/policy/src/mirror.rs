@@ -67,6 +67,7 @@ impl Mirror {
         crate::TreeSize {
             nodes: self.tree.node_count(),
             tokens: self.tree.total_tokens(),
+            running_requests: 0,
         }
     }
 
