@@ -69,8 +69,10 @@ pub struct E2Config {
     pub replicate_ttft_ratio: f64,
     /// Finished requests needed in each half-window before replication is considered.
     pub replicate_min_samples: usize,
-    /// Weight of a worker's decode load when a prefill-heavy request explores and the
-    /// worker's load is mostly decode (1: no preference).
+    /// Weight of a worker's decode load in the explore choice when the request is
+    /// prefill-heavy there (its missed tokens' prefill outlasts its expected decoding) and the
+    /// worker's load is mostly decoding: the paper's prefill/decode balance (1: none). Holders
+    /// are compared, and overload judged, on their whole load.
     pub decode_discount: f64,
     /// Weight of the worker's queued prefill (from its last load report) in its load cost:
     /// the window alone says how busy it was, the queue how soon it can start this request
@@ -244,6 +246,8 @@ struct Terms {
     w: WorkerIdx,
     cached: u32,
     load: f64,
+    /// What an exploring prefill-heavy request takes off L on a decode-dominated worker.
+    decode_credit: f64,
     evict: f64,
     prefill: f64,
 }
@@ -252,6 +256,19 @@ impl Terms {
     fn total(&self) -> f64 {
         self.load + self.evict + self.prefill
     }
+}
+
+/// The terms as an exploring request weighs them: a prefill-heavy request prefers a worker
+/// whose load is mostly decoding (the paper's prefill/decode balance); holders are compared,
+/// and overload judged, on their whole load.
+fn explore_terms(terms: &[Terms]) -> Vec<Terms> {
+    terms
+        .iter()
+        .map(|t| Terms {
+            load: t.load - t.decode_credit,
+            ..*t
+        })
+        .collect()
 }
 
 impl E2 {
@@ -451,7 +468,6 @@ impl Policy for E2 {
         let (out_tokens, tpot) = self.estimates(request.max_tokens);
         let decode_ms = out_tokens * tpot;
         let full_prefill = self.config.profile.prefill_ms(prompt_len.max(1), 0);
-        let prefill_heavy = full_prefill > decode_ms;
         let mut terms = Vec::with_capacity(cluster.workers.len());
         let mut ids = Vec::with_capacity(cluster.workers.len());
         for view in cluster.workers {
@@ -473,24 +489,25 @@ impl Policy for E2 {
             let cached = matched.len_for(w).min(prompt_len.saturating_sub(1));
             let missed = prompt_len - cached;
             let decode_load = f64::from(view.load.outstanding) * decode_ms;
-            let load = queue_weight * queue_ms
-                + prefill_load
-                + if prefill_heavy && decode_load > prefill_load {
-                    decode_discount * decode_load
-                } else {
-                    decode_load
-                };
+            let load = queue_weight * queue_ms + prefill_load + decode_load;
+            let prefill = self.config.profile.prefill_ms(missed.max(1), cached);
+            // Prefill-heavy on this worker: what it would compute outweighs the decoding.
+            let decode_credit = if prefill > decode_ms && decode_load > prefill_load {
+                (1.0 - decode_discount) * decode_load
+            } else {
+                0.0
+            };
             let evict_tokens = if view.kv_capacity_tokens == 0 {
                 0
             } else {
                 (held + u64::from(missed)).saturating_sub(view.kv_capacity_tokens)
             };
             let evict = self.eviction_cost(w, evict_tokens, window_requests, &matched.path, now);
-            let prefill = self.config.profile.prefill_ms(missed.max(1), cached);
             terms.push(Terms {
                 w,
                 cached,
                 load,
+                decode_credit,
                 evict,
                 prefill,
             });
@@ -553,7 +570,7 @@ impl Policy for E2 {
                 .filter(|r| r.total() < full.total());
             if overloaded {
                 (
-                    self.pick(&terms, request.request_id, 2),
+                    self.pick(&explore_terms(&terms), request.request_id, 2),
                     DecisionKind::Rebalance,
                 )
             } else if let Some(replica) = replica {
@@ -563,7 +580,7 @@ impl Policy for E2 {
             }
         } else {
             (
-                self.pick(&terms, request.request_id, 4),
+                self.pick(&explore_terms(&terms), request.request_id, 4),
                 DecisionKind::Explore,
             )
         };

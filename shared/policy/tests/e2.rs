@@ -451,6 +451,45 @@ mod worked_examples {
         }
     }
 
+    #[test]
+    fn a_prefill_heavy_request_explores_to_the_worker_that_is_mostly_decoding() {
+        // gpu-0 decodes 4 requests (L = 4 x D, D = 4 tokens x the prior TPOT); gpu-1 has a
+        // prefill queue of q tokens, P(q) between 2 x D and 4 x D. A new 2,000-token prompt
+        // (its prefill above D: prefill-heavy) costs less on gpu-1 by whole load, but with
+        // the paper's prefill/decode balance gpu-0's decoding counts half (decode_discount
+        // 0.5) and it goes there.
+        let profile = Profile::a6000_mistral_7b();
+        let d = 4.0 * profile.decode_step_ms(16, 16 * 1024);
+        assert!(prefill(2000, 0) > d, "the request is prefill-heavy");
+        let q = (100..20_000u32)
+            .step_by(50)
+            .find(|&q| prefill(q, 0) > 3.0 * d)
+            .expect("a queue length");
+        assert!(prefill(q, 0) < 4.0 * d && prefill(q, 0) > 2.0 * d);
+        for (discount, winner) in [(0.5, "gpu-0"), (1.0, "gpu-1")] {
+            let mut ws = with_outstanding(&[4, 0]);
+            ws[1].load.reported_prefill_tokens = u64::from(q);
+            let mut e2 = E2::new(E2Config {
+                decode_discount: discount,
+                ..E2Config::default()
+            });
+            let p = prompt(40, 0, 0, 2000);
+            let decision = e2
+                .route(
+                    &ClusterView { workers: &ws },
+                    &RouteRequest {
+                        request_id: "pd",
+                        prompt: &p,
+                        max_tokens: 4,
+                        now_ms: 0,
+                    },
+                )
+                .expect("a decision");
+            assert_eq!(decision.kind, DecisionKind::Explore);
+            assert_eq!(decision.worker, winner, "discount {discount}: {decision:?}");
+        }
+    }
+
     /// Routes `id` and releases it at once unless `keep_running`; returns where it went.
     fn serve(
         e2: &mut E2,
