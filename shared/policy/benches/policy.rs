@@ -183,6 +183,16 @@ fn throughput_with_caches(_: &mut Criterion) {
                     "{:>16} decisions charged an eviction cost (M > 0)",
                     evicting
                 );
+                let started = Instant::now();
+                let spans = policy.export();
+                let tokens: usize = spans.iter().map(|s| s.tokens.len()).sum();
+                eprintln!(
+                    "{:>16} snapshot export: {} spans, {} held tokens, {:.1} ms",
+                    "",
+                    spans.len(),
+                    tokens,
+                    started.elapsed().as_secs_f64() * 1e3
+                );
             }
         }
     }
