@@ -36,6 +36,7 @@ fn register_font() {
 fn colour(name: &str, index: usize) -> RGBColor {
     match name {
         "e2" => RGBColor(214, 39, 40),
+        "e2-paper" => RGBColor(140, 86, 75),
         "round-robin" => RGBColor(31, 119, 180),
         "least-load" => RGBColor(44, 160, 44),
         "cache-aware" => RGBColor(255, 127, 14),

@@ -88,6 +88,12 @@ pub struct E2Config {
     pub rebalance_interval_ms: u64,
     /// Softmax temperature over normalised costs; 0 picks the minimum (ties at random).
     pub temperature: f64,
+    /// Behave as the paper's public code does, for comparisons (see [`E2Config::paper`]):
+    /// L's decode part sums every request routed in the window, explore leaves P out, an
+    /// overloaded holder is never passed over request by request (only subtree moves, which
+    /// may overshoot, and a moved prefix always follows its owner), replication needs only the
+    /// holder's own TTFT to double, and ties go to the first worker.
+    pub paper_code: bool,
     /// Bound of the global tree, tokens.
     pub max_tree_tokens: u64,
     /// Output length assumed before any request finished.
@@ -111,10 +117,27 @@ impl Default for E2Config {
             subtree_rebalance: true,
             rebalance_interval_ms: 1_000,
             temperature: 0.0,
+            paper_code: false,
             max_tree_tokens: DEFAULT_MAX_TREE_TOKENS,
             prior_output_tokens: 128,
             profile: Profile::a6000_mistral_7b(),
             seed: 0,
+        }
+    }
+}
+
+impl E2Config {
+    /// The paper's public code as closely as this policy can play it (the `e2-paper`
+    /// policy): [`E2Config::paper_code`], no queue term, no prefill/decode preference (the
+    /// code's hit-ratio rule is not reproduced), subtree rebalancing on. Everything else
+    /// (window, thresholds, the tree, M, the cost model) as in `self`.
+    pub fn paper(self) -> Self {
+        Self {
+            paper_code: true,
+            queue_weight: 0.0,
+            decode_discount: 1.0,
+            subtree_rebalance: true,
+            ..self
         }
     }
 }
@@ -260,12 +283,14 @@ impl Terms {
 
 /// The terms as an exploring request weighs them: a prefill-heavy request prefers a worker
 /// whose load is mostly decoding (the paper's prefill/decode balance); holders are compared,
-/// and overload judged, on their whole load.
-fn explore_terms(terms: &[Terms]) -> Vec<Terms> {
+/// and overload judged, on their whole load. `without_prefill`: P left out, as the paper's
+/// code does.
+fn explore_terms(terms: &[Terms], without_prefill: bool) -> Vec<Terms> {
     terms
         .iter()
         .map(|t| Terms {
             load: t.load - t.decode_credit,
+            prefill: if without_prefill { 0.0 } else { t.prefill },
             ..*t
         })
         .collect()
@@ -375,7 +400,9 @@ impl E2 {
             // A prefix whose stream alone exceeds half the gap would only make the light
             // worker the heavy one.
             let carried = count * per_request;
-            if light.load + moved + carried > heavy.load - moved - carried {
+            if !self.config.paper_code
+                && light.load + moved + carried > heavy.load - moved - carried
+            {
                 continue;
             }
             self.owners.insert(hash, (light.w, now_ms));
@@ -445,13 +472,20 @@ impl E2 {
             .iter()
             .filter(|t| t.total() <= min + 1e-9 * min.abs().max(1.0))
             .collect();
+        if self.config.paper_code {
+            return *tied[0];
+        }
         *tied[(draw % tied.len() as u64) as usize]
     }
 }
 
 impl Policy for E2 {
     fn name(&self) -> &'static str {
-        "e2"
+        if self.config.paper_code {
+            "e2-paper"
+        } else {
+            "e2"
+        }
     }
 
     fn route(
@@ -468,6 +502,7 @@ impl Policy for E2 {
         let (out_tokens, tpot) = self.estimates(request.max_tokens);
         let decode_ms = out_tokens * tpot;
         let full_prefill = self.config.profile.prefill_ms(prompt_len.max(1), 0);
+        let paper = self.config.paper_code;
         let mut terms = Vec::with_capacity(cluster.workers.len());
         let mut ids = Vec::with_capacity(cluster.workers.len());
         for view in cluster.workers {
@@ -488,7 +523,11 @@ impl Policy for E2 {
             let window_requests = win.routed.len();
             let cached = matched.len_for(w).min(prompt_len.saturating_sub(1));
             let missed = prompt_len - cached;
-            let decode_load = f64::from(view.load.outstanding) * decode_ms;
+            let decode_load = if paper {
+                window_requests as f64 * decode_ms
+            } else {
+                f64::from(view.load.outstanding) * decode_ms
+            };
             let load = queue_weight * queue_ms + prefill_load + decode_load;
             let prefill = self.config.profile.prefill_ms(missed.max(1), cached);
             // Prefill-heavy on this worker: what it would compute outweighs the decoding.
@@ -523,8 +562,9 @@ impl Policy for E2 {
         let exploit = best_cached > prompt_len - best_cached;
         let lightest = terms.iter().map(|t| t.load).fold(f64::INFINITY, f64::min);
         let warm = self.routed_total >= self.config.warmup_requests;
-        let overloaded =
-            |t: &Terms| warm && t.load > self.config.rebalance_threshold * lightest + full_prefill;
+        let overloaded = |t: &Terms| {
+            !paper && warm && t.load > self.config.rebalance_threshold * lightest + full_prefill
+        };
         let owner = owner.filter(|o| exploit && !overloaded(o));
         let (chosen, kind) = if let Some(owner) = owner {
             let kind = if owner.cached == best_cached {
@@ -550,9 +590,9 @@ impl Policy for E2 {
                 self.config.window_ms,
                 self.config.replicate_ttft_ratio,
                 self.config.replicate_min_samples,
-                full_prefill,
+                if paper { 0.0 } else { full_prefill },
             );
-            let hot = hot && self.hotter_than_the_rest(holder.w, &terms, now);
+            let hot = hot && (paper || self.hotter_than_the_rest(holder.w, &terms, now));
             let others: Vec<Terms> = terms
                 .iter()
                 .filter(|t| t.cached < best_cached)
@@ -567,10 +607,10 @@ impl Policy for E2 {
             // busy, recomputing the prefix elsewhere only adds work.
             let replica = (hot && !others.is_empty())
                 .then(|| self.pick(&others, request.request_id, 3))
-                .filter(|r| r.total() < full.total());
+                .filter(|r| paper || r.total() < full.total());
             if overloaded {
                 (
-                    self.pick(&explore_terms(&terms), request.request_id, 2),
+                    self.pick(&explore_terms(&terms, paper), request.request_id, 2),
                     DecisionKind::Rebalance,
                 )
             } else if let Some(replica) = replica {
@@ -580,7 +620,7 @@ impl Policy for E2 {
             }
         } else {
             (
-                self.pick(&explore_terms(&terms), request.request_id, 4),
+                self.pick(&explore_terms(&terms, paper), request.request_id, 4),
                 DecisionKind::Explore,
             )
         };
@@ -589,6 +629,11 @@ impl Policy for E2 {
             .position(|t| t.w == chosen.w)
             .ok_or(RouteError::NoEligibleWorker)?;
         let worker = ids[position].to_string();
+        // What the request will really prefill there (an explore without P weighed it as 0).
+        let chosen = Terms {
+            prefill: terms[position].prefill,
+            ..chosen
+        };
         let path = self.mirror.tree.record_route(request.prompt, chosen.w, now);
         let request_hash = hash_str(request.request_id);
         if let Some((w, end)) = self.running.remove(&request_hash) {

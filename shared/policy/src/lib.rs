@@ -86,6 +86,8 @@ pub struct TreeSize {
 pub enum PolicyKind {
     /// [`E2`], Preble's.
     E2,
+    /// [`E2`] as the paper's public code plays it ([`E2Config::paper`]), for comparisons.
+    E2Paper,
     /// [`CacheAware`].
     CacheAware,
     /// [`KvCost`].
@@ -111,13 +113,20 @@ pub struct PolicySettings {
 
 impl PolicyKind {
     /// Every policy name, for `--help` and error messages.
-    pub const NAMES: [&'static str; 5] =
-        ["e2", "cache-aware", "kv-cost", "least-load", "round-robin"];
+    pub const NAMES: [&'static str; 6] = [
+        "e2",
+        "e2-paper",
+        "cache-aware",
+        "kv-cost",
+        "least-load",
+        "round-robin",
+    ];
 
     /// Its command-line name.
     pub fn name(self) -> &'static str {
         match self {
             PolicyKind::E2 => "e2",
+            PolicyKind::E2Paper => "e2-paper",
             PolicyKind::CacheAware => "cache-aware",
             PolicyKind::KvCost => "kv-cost",
             PolicyKind::LeastLoad => "least-load",
@@ -132,6 +141,13 @@ impl PolicyKind {
                 seed: settings.seed,
                 ..settings.e2.clone()
             })),
+            PolicyKind::E2Paper => Box::new(E2::new(
+                E2Config {
+                    seed: settings.seed,
+                    ..settings.e2.clone()
+                }
+                .paper(),
+            )),
             PolicyKind::CacheAware => Box::new(CacheAware::new(CacheAwareConfig {
                 seed: settings.seed,
                 ..settings.cache_aware.clone()
@@ -152,6 +168,7 @@ impl std::str::FromStr for PolicyKind {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         [
             PolicyKind::E2,
+            PolicyKind::E2Paper,
             PolicyKind::CacheAware,
             PolicyKind::KvCost,
             PolicyKind::LeastLoad,

@@ -617,3 +617,53 @@ fn subtree_rebalancing_moves_a_prefix_to_a_new_owner_that_keeps_it() {
     assert_ne!(moved.worker, holder);
     assert_eq!(after.worker, holder, "{after:?}");
 }
+
+/// `e2-paper`: the paper's public code as E2 plays it, next to E2 on the same scenarios.
+mod paper_code {
+    use super::*;
+    use preble_policy::{PolicyKind, PolicySettings};
+
+    #[test]
+    fn explore_leaves_the_requests_own_prefill_out_and_ties_go_to_the_first_worker() {
+        // gpu-1 caches 400 of 1,000 tokens (too few to exploit); both workers are idle. E2
+        // explores to gpu-1, where P is smaller; the paper's code weighs L + M only, a tie,
+        // which goes to the first worker.
+        let ws = workers(2);
+        let p = prompt(50, 400, 0, 600);
+        for (kind, worker) in [(PolicyKind::E2, "gpu-1"), (PolicyKind::E2Paper, "gpu-0")] {
+            let mut policy = kind.build(&PolicySettings::default());
+            cache(policy.as_mut(), "gpu-1", &p[..400], 0);
+            let d = route(policy.as_mut(), &ws, "p", &p, 10);
+            assert_eq!(d.kind, DecisionKind::Explore);
+            assert_eq!(d.worker, worker, "{}: {d:?}", policy.name());
+        }
+    }
+
+    #[test]
+    fn an_overloaded_holder_keeps_its_requests_and_decodes_count_over_the_window() {
+        // The worked example above: 5 decodes on the holder, none on the other worker, after
+        // the warm-up. E2 passes the holder over; the paper's code only moves subtrees, so the
+        // request stays. Its L counts the request routed in the window, not what is
+        // outstanding.
+        let mut ws = workers(2);
+        ws[0].load.outstanding = 5;
+        let p = prompt(51, 800, 0, 200);
+        for (kind, worker) in [(PolicyKind::E2, "gpu-1"), (PolicyKind::E2Paper, "gpu-0")] {
+            let settings = PolicySettings {
+                e2: E2Config {
+                    warmup_requests: 0,
+                    ..E2Config::default()
+                },
+                ..PolicySettings::default()
+            };
+            let mut policy = kind.build(&settings);
+            cache(policy.as_mut(), "gpu-0", &p[..800], 0);
+            let d = route(policy.as_mut(), &ws, "o", &p, 10);
+            assert_eq!(d.worker, worker, "{}: {d:?}", policy.name());
+            if kind == PolicyKind::E2Paper {
+                assert_eq!(d.kind, DecisionKind::Exploit);
+                assert!(d.reason.contains(" L=0.0ms "), "nothing routed yet: {d:?}");
+            }
+        }
+    }
+}
