@@ -74,7 +74,7 @@ bench: build
 	$(CARGO) build --release --workspace --bins
 	CARGO_TARGET_DIR=target $(CARGO) run --release -p preble-loadtest -- path-bench
 
-## loadtest: simulate all five policies on the tool-use workload over a sweep of rates (4xA6000)
+## loadtest: simulate all six policies on the tool-use workload over a sweep of rates (4xA6000)
 loadtest:
 	$(CARGO) build --release -p preble-loadtest
 	./target/release/preble-loadtest compare --workloads toolbench --requests 6000 \

@@ -19,7 +19,8 @@ pub struct Args {
     /// Subject prefix of the deployment.
     #[arg(long, env = "PREBLE_SUBJECT_PREFIX", default_value = preble_protocol::subjects::DEFAULT_PREFIX)]
     pub subject_prefix: String,
-    /// Routing policy: e2, cache-aware, kv-cost, least-load or round-robin.
+    /// Routing policy: e2, e2-paper (the paper's public code, for comparison), cache-aware,
+    /// kv-cost, least-load or round-robin.
     #[arg(long, env = "PREBLE_POLICY", default_value = "e2")]
     pub policy: PolicyKind,
     /// Seed of the policy's random choices.
