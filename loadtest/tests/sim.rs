@@ -25,6 +25,7 @@ fn every_request_ends_once_with_its_output_and_runs_repeat() {
     let requests = timed(Kind::Mixed, 300, 4.0);
     for policy in [
         PolicyKind::E2,
+        PolicyKind::E2Paper,
         PolicyKind::RoundRobin,
         PolicyKind::LeastLoad,
         PolicyKind::CacheAware,
