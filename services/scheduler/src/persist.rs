@@ -1,10 +1,15 @@
 //! Persistence of the global prefix tree in Redis: a snapshot plus an op log.
 //!
 //! Every cache change the routing actor applies is appended to a Redis stream (the op log);
-//! periodically the actor exports the whole tree and the snapshot replaces both the old
-//! snapshot and the log (compaction, in one transaction: the log only ever holds what came
-//! after the snapshot). On start the scheduler loads the snapshot, replays the log, and then
-//! reconciles with each worker's digest as it joins.
+//! periodically a snapshot replaces both the old snapshot and the log (compaction, in one
+//! transaction: the log only ever holds what came after the snapshot). On start the scheduler
+//! loads the snapshot, replays the log, and then reconciles with each worker's digest as it
+//! joins.
+//!
+//! The writer task keeps its own copy of the cache picture (a [`Shadow`], fed the same ops in
+//! the same order), so periodic snapshots, digests and catch-up are exported there and never
+//! pause routing. Only when ops were lost before reaching the writer (its queue was full) does
+//! the routing actor export its own tree, which also resets the shadow.
 //!
 //! Redis being down never stops routing: ops are dropped and counted, the `degraded` gauge is
 //! set, and as soon as Redis answers again a fresh snapshot is written (catch-up).
@@ -13,7 +18,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use preble_policy::ExportedSpan;
+use preble_policy::mirror::{DEFAULT_MAX_TREE_TOKENS, Mirror};
+use preble_policy::{ClusterEvent, ExportedSpan};
 use prometheus::{IntCounter, IntGauge};
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
@@ -114,8 +120,89 @@ impl From<ExportedSpan> for StoredSpan {
 
 /// What the routing actor sends to the writer.
 enum Write {
-    Op(Vec<u8>),
-    Snapshot(Vec<u8>),
+    /// Apply to the shadow and append to the log.
+    Op(StoredOp),
+    /// The routing actor's own export: becomes the shadow and the snapshot.
+    Export(Vec<ExportedSpan>),
+    /// A worker's digest (its reset, then every span it holds): applied to the shadow, then
+    /// a snapshot of the shadow records it (cheaper than logging every span).
+    Digest(Vec<StoredOp>),
+    /// Write a snapshot of the shadow.
+    Snapshot,
+}
+
+/// The writer's copy of what the workers' caches hold, fed the ops the routing actor applied.
+pub struct Shadow {
+    mirror: Mirror,
+}
+
+impl Default for Shadow {
+    fn default() -> Self {
+        Self {
+            mirror: Mirror::new(DEFAULT_MAX_TREE_TOKENS),
+        }
+    }
+}
+
+impl Shadow {
+    /// Applies one op, as a restoring scheduler replays it into its policy.
+    pub fn apply(&mut self, op: &StoredOp) {
+        let now_ms = 0;
+        let event = match op {
+            StoredOp::Inserted {
+                worker,
+                parent_hash,
+                hash,
+                tokens,
+            } => ClusterEvent::CacheInserted {
+                worker,
+                parent_hash: *parent_hash,
+                hash: *hash,
+                tokens,
+                now_ms,
+            },
+            StoredOp::Evicted {
+                worker,
+                hash,
+                num_tokens,
+            } => ClusterEvent::CacheEvicted {
+                worker,
+                hash: *hash,
+                num_tokens: *num_tokens,
+            },
+            StoredOp::Reset { worker } => ClusterEvent::CacheReset { worker },
+            StoredOp::Gone { worker } => ClusterEvent::WorkerGone { worker },
+        };
+        // An op the routing actor could not apply either (it then asks for a digest).
+        let _ = self.mirror.observe(&event);
+    }
+
+    /// Replaces the shadow with an export.
+    pub fn replace(&mut self, spans: &[ExportedSpan]) {
+        *self = Shadow::default();
+        for span in spans {
+            for worker in &span.holders {
+                self.apply(&StoredOp::Inserted {
+                    worker: worker.clone(),
+                    parent_hash: span.parent_hash,
+                    hash: span.hash,
+                    tokens: span.tokens.clone(),
+                });
+            }
+        }
+    }
+
+    /// The snapshot of what the shadow holds.
+    pub fn snapshot(&self) -> StoredSnapshot {
+        snapshot_of(self.mirror.export())
+    }
+}
+
+fn snapshot_of(spans: Vec<ExportedSpan>) -> StoredSnapshot {
+    StoredSnapshot {
+        v: STORE_VERSION,
+        spans: spans.into_iter().map(StoredSpan::from).collect(),
+    }
 }
 
 /// Metrics of persistence.
@@ -132,9 +219,9 @@ pub struct PersistMetrics {
 /// The routing actor's handle on persistence.
 pub struct Persistence {
     writes: mpsc::Sender<Write>,
-    /// Set when a snapshot should be taken as soon as possible (after Redis came back, or
-    /// after ops were dropped).
-    snapshot_wanted: Arc<AtomicBool>,
+    /// Set when writes were lost before reaching the writer: its shadow missed them, so the
+    /// routing actor must export its own tree.
+    export_wanted: Arc<AtomicBool>,
     metrics: PersistMetrics,
 }
 
@@ -143,33 +230,52 @@ impl Persistence {
     pub fn start(redis_url: &str, keys: Keys, metrics: PersistMetrics) -> anyhow::Result<Self> {
         let client = redis::Client::open(redis_url)?;
         let (writes, rx) = mpsc::channel(QUEUE);
-        let snapshot_wanted = Arc::new(AtomicBool::new(false));
+        let export_wanted = Arc::new(AtomicBool::new(false));
         tokio::spawn(writer(
             client,
             keys,
             rx,
-            snapshot_wanted.clone(),
+            export_wanted.clone(),
             metrics.clone(),
         ));
         Ok(Self {
             writes,
-            snapshot_wanted,
+            export_wanted,
             metrics,
         })
     }
 
     /// Appends an op to the log.
-    pub fn record(&self, op: &StoredOp) {
-        let bytes = match rmp_serde::to_vec_named(op) {
-            Ok(b) => b,
-            Err(e) => {
-                warn!(error = %e, "cannot encode a tree op");
-                return;
-            }
-        };
-        if self.writes.try_send(Write::Op(bytes)).is_err() {
+    pub fn record(&self, op: StoredOp) {
+        self.send(Write::Op(op));
+    }
+
+    /// Records a worker's digest: its cache now holds exactly `spans`.
+    pub fn digest(&self, worker: &str, spans: impl IntoIterator<Item = StoredOp>) {
+        let mut ops = vec![StoredOp::Reset {
+            worker: worker.to_string(),
+        }];
+        ops.extend(spans);
+        self.send(Write::Digest(ops));
+    }
+
+    /// Asks the writer for a periodic snapshot (of its shadow: routing does not pause).
+    pub fn snapshot(&self) {
+        self.send(Write::Snapshot);
+    }
+
+    /// Writes the routing actor's own export as the snapshot (after ops were lost on the
+    /// way to the writer: its shadow missed them).
+    pub fn export(&self, spans: Vec<ExportedSpan>) {
+        self.send(Write::Export(spans));
+    }
+
+    /// Queues a write; if the queue is full, the write is lost and the routing actor will
+    /// have to export its tree.
+    fn send(&self, write: Write) {
+        if self.writes.try_send(write).is_err() {
             self.metrics.dropped_ops.inc();
-            self.snapshot_wanted.store(true, Ordering::Relaxed);
+            self.export_wanted.store(true, Ordering::Relaxed);
         }
     }
 
@@ -178,30 +284,10 @@ impl Persistence {
         self.writes.max_capacity() - self.writes.capacity()
     }
 
-    /// Asks for a snapshot at the next opportunity.
-    pub fn want_snapshot(&self) {
-        self.snapshot_wanted.store(true, Ordering::Relaxed);
-    }
-
-    /// Whether a snapshot is wanted now (and clears the wish).
-    pub fn take_snapshot_wish(&self) -> bool {
-        self.snapshot_wanted.swap(false, Ordering::Relaxed)
-    }
-
-    /// Writes a snapshot of `spans`; it replaces the old snapshot and the log.
-    pub fn snapshot(&self, spans: Vec<ExportedSpan>) {
-        let snapshot = StoredSnapshot {
-            v: STORE_VERSION,
-            spans: spans.into_iter().map(StoredSpan::from).collect(),
-        };
-        match rmp_serde::to_vec_named(&snapshot) {
-            Ok(bytes) => {
-                if self.writes.try_send(Write::Snapshot(bytes)).is_err() {
-                    self.snapshot_wanted.store(true, Ordering::Relaxed);
-                }
-            }
-            Err(e) => warn!(error = %e, "cannot encode a tree snapshot"),
-        }
+    /// Whether the routing actor must export its tree (writes were lost before reaching
+    /// the writer), and clears the wish.
+    pub fn take_export_wish(&self) -> bool {
+        self.export_wanted.swap(false, Ordering::Relaxed)
     }
 }
 
@@ -213,32 +299,59 @@ async fn connect(client: &redis::Client) -> redis::RedisResult<ConnectionManager
     client.get_connection_manager_with_config(config).await
 }
 
-/// Writes ops and snapshots in order; on failure marks persistence degraded, drops what it
-/// cannot write, and once Redis answers again asks for a fresh snapshot.
+/// What one write puts in Redis.
+enum Store {
+    /// An op appended to the log.
+    Op(StoredOp),
+    /// A snapshot of the shadow, replacing the snapshot and the log.
+    Snapshot,
+}
+
+/// Keeps the shadow and writes ops and snapshots in order. On failure it marks persistence
+/// degraded and drops what it cannot write; the first write once Redis answers again is a
+/// snapshot of the shadow (catch-up), which holds everything that happened meanwhile.
 async fn writer(
     client: redis::Client,
     keys: Keys,
     mut writes: mpsc::Receiver<Write>,
-    snapshot_wanted: Arc<AtomicBool>,
+    export_wanted: Arc<AtomicBool>,
     metrics: PersistMetrics,
 ) {
     let mut connection: Option<ConnectionManager> = None;
+    let mut shadow = Shadow::default();
+    let mut catch_up = false;
     while let Some(write) = writes.recv().await {
+        // The shadow follows every write, whether Redis takes it or not.
+        let store = match write {
+            Write::Op(op) => {
+                shadow.apply(&op);
+                if catch_up {
+                    Store::Snapshot
+                } else {
+                    Store::Op(op)
+                }
+            }
+            Write::Export(spans) => {
+                off_runtime(&mut shadow, &export_wanted, move |s| s.replace(&spans)).await;
+                Store::Snapshot
+            }
+            Write::Digest(ops) => {
+                off_runtime(&mut shadow, &export_wanted, move |s| {
+                    for op in &ops {
+                        s.apply(op);
+                    }
+                })
+                .await;
+                Store::Snapshot
+            }
+            Write::Snapshot => Store::Snapshot,
+        };
         if connection.is_none() {
             match connect(&client).await {
-                Ok(c) => {
-                    connection = Some(c);
-                    if metrics.degraded.get() == 1 {
-                        info!("redis is back: catching up with a snapshot");
-                        snapshot_wanted.store(true, Ordering::Relaxed);
-                    }
-                    metrics.degraded.set(0);
-                }
+                Ok(c) => connection = Some(c),
                 Err(e) => {
-                    degrade(&metrics, &snapshot_wanted, &e);
-                    if matches!(write, Write::Op(_)) {
-                        metrics.dropped_ops.inc();
-                    }
+                    lost(&metrics, &store, &e);
+                    catch_up = true;
                     continue;
                 }
             }
@@ -246,8 +359,23 @@ async fn writer(
         let Some(con) = connection.as_mut() else {
             continue;
         };
-        let result = match &write {
-            Write::Op(bytes) => redis::cmd("XADD")
+        let encoded = match &store {
+            Store::Op(op) => rmp_serde::to_vec_named(op).map_err(|e| e.to_string()),
+            Store::Snapshot => off_runtime(&mut shadow, &export_wanted, |s| {
+                rmp_serde::to_vec_named(&s.snapshot()).map_err(|e| e.to_string())
+            })
+            .await
+            .unwrap_or_else(|| Err("the shadow was lost".into())),
+        };
+        let bytes = match encoded {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                warn!(error = %e, "cannot encode a tree write");
+                continue;
+            }
+        };
+        let result = match &store {
+            Store::Op(_) => redis::cmd("XADD")
                 .arg(&keys.ops)
                 .arg("*")
                 .arg("op")
@@ -255,40 +383,75 @@ async fn writer(
                 .query_async::<String>(con)
                 .await
                 .map(|_| ()),
-            Write::Snapshot(bytes) => {
-                let r = redis::pipe()
+            Store::Snapshot => {
+                redis::pipe()
                     .atomic()
                     .set(&keys.snapshot, bytes.as_slice())
                     .ignore()
                     .del(&keys.ops)
                     .ignore()
                     .query_async::<()>(con)
-                    .await;
-                if r.is_ok() {
-                    metrics.snapshots.inc();
-                }
-                r
+                    .await
             }
         };
-        if let Err(e) = result {
-            if matches!(write, Write::Op(_)) {
-                metrics.dropped_ops.inc();
+        match result {
+            Err(e) => {
+                lost(&metrics, &store, &e);
+                catch_up = true;
+                connection = None;
             }
-            degrade(&metrics, &snapshot_wanted, &e);
-            connection = None;
-        } else if metrics.degraded.get() == 1 {
-            metrics.degraded.set(0);
-            snapshot_wanted.store(true, Ordering::Relaxed);
+            Ok(()) => {
+                if let Store::Snapshot = store {
+                    metrics.snapshots.inc();
+                    if catch_up {
+                        info!("redis is back: caught up with a snapshot");
+                    }
+                    catch_up = false;
+                }
+                if !catch_up {
+                    metrics.degraded.set(0);
+                }
+            }
         }
     }
 }
 
-fn degrade(metrics: &PersistMetrics, snapshot_wanted: &AtomicBool, e: &redis::RedisError) {
+/// Runs `work` on the shadow on a blocking thread: replaying or exporting a large tree takes
+/// milliseconds the async runtime must not wait for. If the work panics, the shadow starts
+/// over empty and the routing actor is asked for an export; `None` then.
+async fn off_runtime<T: Send + 'static>(
+    shadow: &mut Shadow,
+    export_wanted: &AtomicBool,
+    work: impl FnOnce(&mut Shadow) -> T + Send + 'static,
+) -> Option<T> {
+    let mut owned = std::mem::take(shadow);
+    match tokio::task::spawn_blocking(move || {
+        let out = work(&mut owned);
+        (owned, out)
+    })
+    .await
+    {
+        Ok((owned, out)) => {
+            *shadow = owned;
+            Some(out)
+        }
+        Err(e) => {
+            warn!(error = %e, "the persistence shadow was lost; asking for an export");
+            export_wanted.store(true, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+/// Counts what Redis did not take and marks persistence degraded.
+fn lost(metrics: &PersistMetrics, store: &Store, e: &redis::RedisError) {
+    if let Store::Op(_) = store {
+        metrics.dropped_ops.inc();
+    }
     if metrics.degraded.get() == 0 {
         warn!(error = %e, "redis unavailable: routing continues, tree persistence degraded");
     }
     metrics.degraded.set(1);
-    snapshot_wanted.store(true, Ordering::Relaxed);
 }
 
 /// Reads the snapshot and the op log (what a starting scheduler restores). Redis being
@@ -332,6 +495,99 @@ pub async fn load(redis_url: &str, keys: &Keys) -> anyhow::Result<(StoredSnapsho
 #[cfg(test)]
 mod tests {
     use super::*;
+    use preble_policy::{E2, E2Config, Policy};
+
+    fn inserted(worker: &str, parent: &[u32], span: &[u32]) -> StoredOp {
+        let mut path = parent.to_vec();
+        path.extend_from_slice(span);
+        StoredOp::Inserted {
+            worker: worker.into(),
+            parent_hash: preble_prefix::path_hash(parent),
+            hash: preble_prefix::path_hash(&path),
+            tokens: span.to_vec(),
+        }
+    }
+
+    #[test]
+    fn the_shadow_holds_what_the_policy_holds() {
+        let ops = vec![
+            inserted("gpu-0", &[], &[1, 2, 3, 4]),
+            inserted("gpu-1", &[], &[1, 2, 9]),
+            inserted("gpu-0", &[1, 2, 3, 4], &[5, 6]),
+            StoredOp::Evicted {
+                worker: "gpu-0".into(),
+                hash: preble_prefix::path_hash(&[1, 2, 3, 4, 5, 6]),
+                num_tokens: 2,
+            },
+            inserted("gpu-2", &[], &[7, 7]),
+            StoredOp::Gone {
+                worker: "gpu-2".into(),
+            },
+        ];
+        let mut shadow = Shadow::default();
+        let mut policy = E2::new(E2Config::default());
+        for op in &ops {
+            shadow.apply(op);
+            let mut one = Shadow::default();
+            one.replace(&policy.export());
+            one.apply(op);
+            // Replaying the op on the policy's export equals the policy applying it.
+            let policy_after = {
+                let event = match op {
+                    StoredOp::Inserted {
+                        worker,
+                        parent_hash,
+                        hash,
+                        tokens,
+                    } => ClusterEvent::CacheInserted {
+                        worker,
+                        parent_hash: *parent_hash,
+                        hash: *hash,
+                        tokens,
+                        now_ms: 0,
+                    },
+                    StoredOp::Evicted {
+                        worker,
+                        hash,
+                        num_tokens,
+                    } => ClusterEvent::CacheEvicted {
+                        worker,
+                        hash: *hash,
+                        num_tokens: *num_tokens,
+                    },
+                    StoredOp::Reset { worker } => ClusterEvent::CacheReset { worker },
+                    StoredOp::Gone { worker } => ClusterEvent::WorkerGone { worker },
+                };
+                policy.observe(&event).expect("applies");
+                snapshot_of(policy.export())
+            };
+            assert_eq!(shadow.snapshot(), policy_after, "after {op:?}");
+            assert_eq!(
+                one.snapshot(),
+                policy_after,
+                "replayed on an export, {op:?}"
+            );
+        }
+        let held: Vec<(Vec<u32>, Vec<String>)> = shadow
+            .snapshot()
+            .spans
+            .into_iter()
+            .map(|s| (s.tokens, s.holders))
+            .collect();
+        assert_eq!(held.len(), 3, "{held:?}");
+        // A digest replaces what a worker held.
+        shadow.apply(&StoredOp::Reset {
+            worker: "gpu-0".into(),
+        });
+        shadow.apply(&inserted("gpu-0", &[], &[4, 4]));
+        let spans = shadow.snapshot().spans;
+        assert!(
+            spans
+                .iter()
+                .all(|s| s.holders != vec!["gpu-0".to_string()] || s.tokens == vec![4, 4]),
+            "{spans:?}"
+        );
+    }
 
     #[test]
     fn ops_and_snapshots_round_trip() {

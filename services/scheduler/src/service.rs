@@ -100,7 +100,10 @@ pub async fn run(
                     warn!(error = %e, "could not restore the prefix tree from redis; starting empty");
                 }
             }
-            Some(Persistence::start(url, keys, metrics.persist.clone())?)
+            let persistence = Persistence::start(url, keys, metrics.persist.clone())?;
+            // The writer's shadow starts from what was restored (and compacts the log).
+            persistence.export(policy.export());
+            Some(persistence)
         }
         None => None,
     };
@@ -515,10 +518,15 @@ impl Router {
         info!(%worker, spans = spans.len(), tokens, "cache digest applied");
         if let Some(p) = &self.persistence {
             // A digest can be large: a snapshot records it more cheaply than its ops.
-            p.record(&StoredOp::Reset {
-                worker: worker.to_string(),
-            });
-            p.want_snapshot();
+            p.digest(
+                worker,
+                spans.into_iter().map(|span| StoredOp::Inserted {
+                    worker: worker.to_string(),
+                    parent_hash: span.parent_hash,
+                    hash: span.path_hash,
+                    tokens: span.tokens,
+                }),
+            );
         }
     }
 
@@ -542,16 +550,20 @@ impl Router {
             },
             _ => return,
         };
-        p.record(&op);
+        p.record(op);
     }
 
-    /// Writes a snapshot when one is due (periodically, after a digest, or to catch up).
+    /// Asks for a snapshot when one is due: periodically (the writer exports its shadow),
+    /// or from the policy's own tree when writes were lost on the way to the writer.
     fn maybe_snapshot(&mut self) {
         let Some(p) = &self.persistence else {
             return;
         };
-        if p.take_snapshot_wish() || self.last_snapshot.elapsed() >= self.config.snapshot_interval {
-            p.snapshot(self.policy.export());
+        if p.take_export_wish() {
+            p.export(self.policy.export());
+            self.last_snapshot = Instant::now();
+        } else if self.last_snapshot.elapsed() >= self.config.snapshot_interval {
+            p.snapshot();
             self.last_snapshot = Instant::now();
         }
     }
@@ -563,7 +575,7 @@ impl Router {
                 .policy
                 .observe(&ClusterEvent::WorkerGone { worker: &worker });
             if let Some(p) = &self.persistence {
-                p.record(&StoredOp::Gone {
+                p.record(StoredOp::Gone {
                     worker: worker.clone(),
                 });
             }
