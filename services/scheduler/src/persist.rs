@@ -8,8 +8,9 @@
 //!
 //! The writer task keeps its own copy of the cache picture (a [`Shadow`], fed the same ops in
 //! the same order), so periodic snapshots, digests and catch-up are exported there and never
-//! pause routing. Only when ops were lost before reaching the writer (its queue was full) does
-//! the routing actor export its own tree, which also resets the shadow.
+//! pause routing. The shadow starts from what the scheduler restored; only when ops were lost
+//! before reaching the writer (its queue was full) does the routing actor export its own tree,
+//! which then replaces the shadow.
 //!
 //! Redis being down never stops routing: ops are dropped and counted, the `degraded` gauge is
 //! set, and as soon as Redis answers again a fresh snapshot is written (catch-up).
@@ -192,6 +193,25 @@ impl Shadow {
         }
     }
 
+    /// The shadow of what a starting scheduler restored: the stored snapshot, then the log.
+    pub fn restored(snapshot: &StoredSnapshot, ops: &[StoredOp]) -> Self {
+        let mut shadow = Shadow::default();
+        for span in &snapshot.spans {
+            for worker in &span.holders {
+                shadow.apply(&StoredOp::Inserted {
+                    worker: worker.clone(),
+                    parent_hash: span.parent_hash,
+                    hash: span.hash,
+                    tokens: span.tokens.clone(),
+                });
+            }
+        }
+        for op in ops {
+            shadow.apply(op);
+        }
+        shadow
+    }
+
     /// The snapshot of what the shadow holds.
     pub fn snapshot(&self) -> StoredSnapshot {
         snapshot_of(self.mirror.export())
@@ -226,8 +246,14 @@ pub struct Persistence {
 }
 
 impl Persistence {
-    /// Starts the writer task for `redis_url`.
-    pub fn start(redis_url: &str, keys: Keys, metrics: PersistMetrics) -> anyhow::Result<Self> {
+    /// Starts the writer task for `redis_url`, its shadow starting from `shadow` (what was
+    /// restored).
+    pub fn start(
+        redis_url: &str,
+        keys: Keys,
+        metrics: PersistMetrics,
+        shadow: Shadow,
+    ) -> anyhow::Result<Self> {
         let client = redis::Client::open(redis_url)?;
         let (writes, rx) = mpsc::channel(QUEUE);
         let export_wanted = Arc::new(AtomicBool::new(false));
@@ -235,6 +261,7 @@ impl Persistence {
             client,
             keys,
             rx,
+            shadow,
             export_wanted.clone(),
             metrics.clone(),
         ));
@@ -314,11 +341,11 @@ async fn writer(
     client: redis::Client,
     keys: Keys,
     mut writes: mpsc::Receiver<Write>,
+    mut shadow: Shadow,
     export_wanted: Arc<AtomicBool>,
     metrics: PersistMetrics,
 ) {
     let mut connection: Option<ConnectionManager> = None;
-    let mut shadow = Shadow::default();
     let mut catch_up = false;
     while let Some(write) = writes.recv().await {
         // The shadow follows every write, whether Redis takes it or not.
@@ -575,6 +602,13 @@ mod tests {
             .map(|s| (s.tokens, s.holders))
             .collect();
         assert_eq!(held.len(), 3, "{held:?}");
+        // What a restarting scheduler rebuilds from the stored snapshot and log is the same.
+        let stored = snapshot_of(policy.export());
+        assert_eq!(
+            Shadow::restored(&StoredSnapshot::default(), &ops).snapshot(),
+            stored
+        );
+        assert_eq!(Shadow::restored(&stored, &[]).snapshot(), stored);
         // A digest replaces what a worker held.
         shadow.apply(&StoredOp::Reset {
             worker: "gpu-0".into(),

@@ -24,7 +24,7 @@ use tracing::{Span, debug, field::Empty, info, warn};
 use crate::cluster::{Cluster, Outstanding};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::persist::{self, Keys, Persistence, StoredOp, StoredSnapshot};
+use crate::persist::{self, Keys, Persistence, Shadow, StoredOp, StoredSnapshot};
 
 /// How often dead workers are reaped and waiting requests retried.
 const TICK: Duration = Duration::from_millis(50);
@@ -84,9 +84,11 @@ pub async fn run(
     let persistence = match &config.redis_url {
         Some(url) => {
             let keys = Keys::new(config.subjects.prefix());
+            let mut shadow = Shadow::default();
             match persist::load(url, &keys).await {
                 Ok((snapshot, ops)) => {
                     let tokens = restore(policy.as_mut(), &snapshot, &ops);
+                    shadow = Shadow::restored(&snapshot, &ops);
                     metrics.tree_tokens_restored.set(tokens as i64);
                     info!(
                         spans = snapshot.spans.len(),
@@ -100,10 +102,12 @@ pub async fn run(
                     warn!(error = %e, "could not restore the prefix tree from redis; starting empty");
                 }
             }
-            let persistence = Persistence::start(url, keys, metrics.persist.clone())?;
-            // The writer's shadow starts from what was restored (and compacts the log).
-            persistence.export(policy.export());
-            Some(persistence)
+            Some(Persistence::start(
+                url,
+                keys,
+                metrics.persist.clone(),
+                shadow,
+            )?)
         }
         None => None,
     };
