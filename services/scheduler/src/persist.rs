@@ -86,6 +86,37 @@ pub enum StoredOp {
     },
 }
 
+impl StoredOp {
+    /// The cluster event this op records, as a policy (or the shadow) applies it.
+    pub fn event(&self, now_ms: u64) -> ClusterEvent<'_> {
+        match self {
+            StoredOp::Inserted {
+                worker,
+                parent_hash,
+                hash,
+                tokens,
+            } => ClusterEvent::CacheInserted {
+                worker,
+                parent_hash: *parent_hash,
+                hash: *hash,
+                tokens,
+                now_ms,
+            },
+            StoredOp::Evicted {
+                worker,
+                hash,
+                num_tokens,
+            } => ClusterEvent::CacheEvicted {
+                worker,
+                hash: *hash,
+                num_tokens: *num_tokens,
+            },
+            StoredOp::Reset { worker } => ClusterEvent::CacheReset { worker },
+            StoredOp::Gone { worker } => ClusterEvent::WorkerGone { worker },
+        }
+    }
+}
+
 /// A stored snapshot.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct StoredSnapshot {
@@ -148,34 +179,8 @@ impl Default for Shadow {
 impl Shadow {
     /// Applies one op, as a restoring scheduler replays it into its policy.
     pub fn apply(&mut self, op: &StoredOp) {
-        let now_ms = 0;
-        let event = match op {
-            StoredOp::Inserted {
-                worker,
-                parent_hash,
-                hash,
-                tokens,
-            } => ClusterEvent::CacheInserted {
-                worker,
-                parent_hash: *parent_hash,
-                hash: *hash,
-                tokens,
-                now_ms,
-            },
-            StoredOp::Evicted {
-                worker,
-                hash,
-                num_tokens,
-            } => ClusterEvent::CacheEvicted {
-                worker,
-                hash: *hash,
-                num_tokens: *num_tokens,
-            },
-            StoredOp::Reset { worker } => ClusterEvent::CacheReset { worker },
-            StoredOp::Gone { worker } => ClusterEvent::WorkerGone { worker },
-        };
         // An op the routing actor could not apply either (it then asks for a digest).
-        let _ = self.mirror.observe(&event);
+        let _ = self.mirror.observe(&op.event(0));
     }
 
     /// Replaces the shadow with an export.
@@ -559,35 +564,8 @@ mod tests {
             one.replace(&policy.export());
             one.apply(op);
             // Replaying the op on the policy's export equals the policy applying it.
-            let policy_after = {
-                let event = match op {
-                    StoredOp::Inserted {
-                        worker,
-                        parent_hash,
-                        hash,
-                        tokens,
-                    } => ClusterEvent::CacheInserted {
-                        worker,
-                        parent_hash: *parent_hash,
-                        hash: *hash,
-                        tokens,
-                        now_ms: 0,
-                    },
-                    StoredOp::Evicted {
-                        worker,
-                        hash,
-                        num_tokens,
-                    } => ClusterEvent::CacheEvicted {
-                        worker,
-                        hash: *hash,
-                        num_tokens: *num_tokens,
-                    },
-                    StoredOp::Reset { worker } => ClusterEvent::CacheReset { worker },
-                    StoredOp::Gone { worker } => ClusterEvent::WorkerGone { worker },
-                };
-                policy.observe(&event).expect("applies");
-                snapshot_of(policy.export())
-            };
+            policy.observe(&op.event(0)).expect("applies");
+            let policy_after = snapshot_of(policy.export());
             assert_eq!(shadow.snapshot(), policy_after, "after {op:?}");
             assert_eq!(
                 one.snapshot(),

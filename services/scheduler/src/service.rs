@@ -716,35 +716,10 @@ fn restore(policy: &mut dyn Policy, snapshot: &StoredSnapshot, ops: &[StoredOp])
         }
     }
     for op in ops {
-        let event = match op {
-            StoredOp::Inserted {
-                worker,
-                parent_hash,
-                hash,
-                tokens: span,
-            } => {
-                tokens += span.len();
-                ClusterEvent::CacheInserted {
-                    worker,
-                    parent_hash: *parent_hash,
-                    hash: *hash,
-                    tokens: span,
-                    now_ms,
-                }
-            }
-            StoredOp::Evicted {
-                worker,
-                hash,
-                num_tokens,
-            } => ClusterEvent::CacheEvicted {
-                worker,
-                hash: *hash,
-                num_tokens: *num_tokens,
-            },
-            StoredOp::Reset { worker } => ClusterEvent::CacheReset { worker },
-            StoredOp::Gone { worker } => ClusterEvent::WorkerGone { worker },
-        };
-        let _ = policy.observe(&event);
+        if let StoredOp::Inserted { tokens: span, .. } = op {
+            tokens += span.len();
+        }
+        let _ = policy.observe(&op.event(now_ms));
     }
     tokens
 }
