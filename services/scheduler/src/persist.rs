@@ -184,18 +184,8 @@ impl Shadow {
     }
 
     /// Replaces the shadow with an export.
-    pub fn replace(&mut self, spans: &[ExportedSpan]) {
-        *self = Shadow::default();
-        for span in spans {
-            for worker in &span.holders {
-                self.apply(&StoredOp::Inserted {
-                    worker: worker.clone(),
-                    parent_hash: span.parent_hash,
-                    hash: span.hash,
-                    tokens: span.tokens.clone(),
-                });
-            }
-        }
+    pub fn replace(&mut self, spans: Vec<ExportedSpan>) {
+        *self = Shadow::restored(&snapshot_of(spans), &[]);
     }
 
     /// The shadow of what a starting scheduler restored: the stored snapshot, then the log.
@@ -364,7 +354,7 @@ async fn writer(
                 }
             }
             Write::Export(spans) => {
-                off_runtime(&mut shadow, &export_wanted, move |s| s.replace(&spans)).await;
+                off_runtime(&mut shadow, &export_wanted, move |s| s.replace(spans)).await;
                 Store::Snapshot
             }
             Write::Digest(ops) => {
@@ -561,7 +551,7 @@ mod tests {
         for op in &ops {
             shadow.apply(op);
             let mut one = Shadow::default();
-            one.replace(&policy.export());
+            one.replace(policy.export());
             one.apply(op);
             // Replaying the op on the policy's export equals the policy applying it.
             policy.observe(&op.event(0)).expect("applies");
