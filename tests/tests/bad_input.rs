@@ -367,3 +367,69 @@ async fn stray_foreign_and_duplicate_stream_messages_do_not_change_what_the_clie
         "the replay is counted as a duplicate"
     );
 }
+
+#[tokio::test]
+async fn lying_and_anonymous_worker_events_leave_the_scheduler_routing() {
+    use preble_protocol::{KvInserted, WorkerEvent, WorkerEventBody};
+    let c = TestCluster::start(Options::default()).await.unwrap();
+    let client = async_nats::connect(preble_tests::NATS_URL).await.unwrap();
+    let s = Subjects::new(&c.prefix);
+    let tokens: Vec<u32> = (1..200).collect();
+    let lie = |worker: &str, seq: u64| WorkerEvent {
+        v: preble_protocol::PROTOCOL_VERSION,
+        worker_id: worker.into(),
+        seq,
+        at_ms: 0,
+        body: WorkerEventBody::KvInserted(KvInserted {
+            parent_hash: preble_prefix::ROOT_HASH,
+            path_hash: preble_prefix::path_hash(&tokens) ^ 0xdead,
+            tokens: tokens.clone(),
+        }),
+    };
+    // A path hash that does not match its tokens, from a live worker (this once panicked a
+    // debug scheduler), and the same from a worker that never announced itself.
+    for seq in [1_000_000, 1_000_001] {
+        client
+            .publish(s.events("gpu-0"), encode(&lie("gpu-0", seq)).into())
+            .await
+            .unwrap();
+    }
+    client
+        .publish(s.events("ghost"), encode(&lie("ghost", 1)).into())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let rejected = scrape(
+            &c.scheduler_metrics,
+            "preble:scheduler_rejected_events_total",
+        )
+        .await
+        .unwrap();
+        let unknown = scrape(
+            &c.scheduler_metrics,
+            "preble:scheduler_unknown_worker_events_total",
+        )
+        .await
+        .unwrap();
+        if rejected >= 1.0 && unknown >= 1.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rejected {rejected}, unknown {unknown}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for i in 0..3 {
+        let (status, body) = post(
+            &c.gateway,
+            "/v1/completions",
+            &json!({"model": c.model, "prompt": format!("after the lie {i}"), "max_tokens": 3}),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}\n{}", c.logs());
+    }
+}

@@ -7,6 +7,9 @@ use clap::Parser;
 use preble_protocol::Subjects;
 use preble_telemetry::LogFormat;
 
+use crate::prepare::PrepareLimits;
+use crate::serve::ConnectionLimits;
+
 /// The preble gateway: OpenAI-compatible HTTP and NATS APIs in front of the cluster.
 #[derive(Parser, Debug, Clone)]
 #[command(version)]
@@ -43,6 +46,31 @@ pub struct Args {
     /// Longest silence allowed in a token stream before the request fails with `timeout`, s.
     #[arg(long, env = "PREBLE_STREAM_IDLE_TIMEOUT_S", default_value_t = 60)]
     pub stream_idle_timeout_s: u64,
+    /// Most client connections open at once; when full, the oldest connection that never sent
+    /// a request is closed to make room (also capped by the process's file limit).
+    #[arg(long, env = "PREBLE_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Longest wait for a complete request head, s (also how long a keep-alive connection may
+    /// sit idle).
+    #[arg(long, env = "PREBLE_HEADER_READ_TIMEOUT_S", default_value_t = 10)]
+    pub header_read_timeout_s: u64,
+    /// Longest wait for a whole request body, s.
+    #[arg(long, env = "PREBLE_BODY_READ_TIMEOUT_S", default_value_t = 30)]
+    pub body_read_timeout_s: u64,
+    /// Largest request body, bytes.
+    #[arg(long, env = "PREBLE_MAX_BODY_BYTES", default_value_t = 4 << 20)]
+    pub max_body_bytes: usize,
+    /// Requests parsed and tokenised at once, each on a blocking thread (0: one per core but
+    /// one, which is left to the async runtime).
+    #[arg(long, env = "PREBLE_TOKENIZER_THREADS", default_value_t = 0)]
+    pub tokenizer_threads: usize,
+    /// Requests allowed to wait for a tokenizer thread before new ones are refused with
+    /// `overloaded`.
+    #[arg(long, env = "PREBLE_MAX_TOKENIZE_WAITING", default_value_t = 256)]
+    pub max_tokenize_waiting: usize,
+    /// Longest wait at shutdown for open connections to finish, s.
+    #[arg(long, env = "PREBLE_DRAIN_TIMEOUT_S", default_value_t = 30)]
+    pub drain_timeout_s: u64,
     /// Log format: `pretty` or `json`.
     #[arg(long, env = "PREBLE_LOG_FORMAT", default_value = "pretty")]
     pub log_format: LogFormat,
@@ -65,6 +93,14 @@ pub struct Config {
     pub default_max_tokens: u32,
     /// Stream idle timeout.
     pub stream_idle_timeout: Duration,
+    /// Limits on client connections.
+    pub connection_limits: ConnectionLimits,
+    /// Longest wait for a whole request body.
+    pub body_read_timeout: Duration,
+    /// Largest request body, bytes.
+    pub max_body_bytes: usize,
+    /// Limits of request preparation.
+    pub prepare_limits: PrepareLimits,
 }
 
 impl Config {
@@ -76,6 +112,19 @@ impl Config {
         if args.stream_idle_timeout_s == 0 {
             bail!("--stream-idle-timeout-s must be positive");
         }
+        if args.header_read_timeout_s == 0 || args.body_read_timeout_s == 0 {
+            bail!("--header-read-timeout-s and --body-read-timeout-s must be positive");
+        }
+        if args.max_connections == 0 || args.max_body_bytes == 0 {
+            bail!("--max-connections and --max-body-bytes must be positive");
+        }
+        let tokenizer_threads = match args.tokenizer_threads {
+            0 => std::thread::available_parallelism()
+                .map_or(1, usize::from)
+                .saturating_sub(1)
+                .max(1),
+            n => n,
+        };
         Ok(Config {
             nats_url: args.nats_url,
             subjects: Subjects::new(args.subject_prefix),
@@ -89,6 +138,17 @@ impl Config {
                 .collect(),
             default_max_tokens: args.default_max_tokens,
             stream_idle_timeout: Duration::from_secs(args.stream_idle_timeout_s),
+            connection_limits: ConnectionLimits {
+                max_connections: args.max_connections,
+                header_read_timeout: Duration::from_secs(args.header_read_timeout_s),
+                drain_timeout: Duration::from_secs(args.drain_timeout_s),
+            },
+            body_read_timeout: Duration::from_secs(args.body_read_timeout_s),
+            max_body_bytes: args.max_body_bytes,
+            prepare_limits: PrepareLimits {
+                threads: tokenizer_threads,
+                max_waiting: args.max_tokenize_waiting,
+            },
         })
     }
 }

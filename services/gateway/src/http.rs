@@ -1,4 +1,5 @@
-//! The HTTP API: OpenAI-compatible routes, `/health` and `/metrics`.
+//! The HTTP API: OpenAI-compatible routes, `/health` and `/metrics`; bodies are read within a
+//! size limit and a read timeout, and every refusal has the OpenAI error shape.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -8,24 +9,24 @@ use anyhow::Result;
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{Request, State},
-    http::{HeaderMap, header},
+    extract::{DefaultBodyLimit, Request, State},
+    http::{HeaderMap, Method, Uri, header},
     middleware::{self, Next},
     response::{IntoResponse, Response, sse::Event, sse::Sse},
     routing::{get, post},
 };
 use futures::{Stream, StreamExt, stream};
+use http_body_util::LengthLimitError;
 use preble_protocol::{ErrorCode, Usage};
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::models::{Models, ServedModel};
-use crate::openai::{
-    self, ChatRequest, CompletionRequest, Endpoint, Generation, Prompt, ResponseMeta,
-};
+use crate::models::Models;
+use crate::openai::{self, ChatRequest, CompletionRequest, Endpoint, ResponseMeta};
+use crate::prepare::{ClientRequest, Prepared, Preparer};
 use crate::relay::Relay;
 use crate::text::{TextEvent, TextGeneration};
 
@@ -33,8 +34,8 @@ use crate::text::{TextEvent, TextGeneration};
 pub struct AppState {
     /// Configuration.
     pub config: Config,
-    /// Served models.
-    pub models: Models,
+    /// Prepares requests (both front doors): keys, validation, template, tokenisation.
+    pub preparer: Preparer,
     /// Submits requests.
     pub relay: Relay,
     /// Metrics.
@@ -56,34 +57,39 @@ pub async fn run(
         metrics.clone(),
     );
     let listener = preble_telemetry::bind(config.http_addr).await?;
+    let preparer = Preparer::new(
+        models,
+        config.api_keys.clone(),
+        config.default_max_tokens,
+        config.prepare_limits,
+    );
     let state = Arc::new(AppState {
         config,
-        models,
+        preparer,
         relay,
         metrics,
     });
     let nats_api = tokio::spawn(crate::nats_api::serve(client.clone(), state.clone()));
     info!(
         addr = %listener.local_addr()?,
-        models = ?state.models.iter().map(|m| m.name.clone()).collect::<Vec<_>>(),
+        models = ?state.preparer.models().iter().map(|m| m.name.clone()).collect::<Vec<_>>(),
+        max_connections = state.config.connection_limits.max_connections,
         "gateway ready"
     );
-    // Token streams are many small writes: without TCP_NODELAY a chunk can wait for the
-    // client's delayed ACK of the previous one.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            warn!(error = %e, "could not set TCP_NODELAY on a client connection");
-        }
-    });
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    crate::serve::serve(
+        listener,
+        router(state.clone()),
+        crate::serve::fit_to_file_limit(state.config.connection_limits),
+        state.metrics.clone(),
+        shutdown,
+    )
+    .await;
     nats_api.abort();
     client.flush().await.ok();
     Ok(())
 }
 
-/// The routes.
+/// The routes; an unknown route or method gets an OpenAI-shaped 404 or 405.
 pub fn router(state: Arc<AppState>) -> Router {
     let api = Router::new()
         .route("/v1/models", get(list_models))
@@ -94,6 +100,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .merge(api)
+        .fallback(|uri: Uri| async move {
+            ApiError::new(ErrorCode::NotFound, format!("no route {}", uri.path()))
+        })
+        .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
+            ApiError::new(
+                ErrorCode::MethodNotAllowed,
+                format!("{method} is not allowed on {}", uri.path()),
+            )
+        })
+        // Bodies are read (within the limit) by the handlers themselves.
+        .layer(DefaultBodyLimit::disable())
         .with_state(state)
 }
 
@@ -102,22 +119,13 @@ async fn authenticate(
     request: Request,
     next: Next,
 ) -> Response {
-    if state.config.api_keys.is_empty() {
-        return next.run(request).await;
-    }
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match presented {
-        Some(key) if state.config.api_keys.iter().any(|k| k == key) => next.run(request).await,
-        _ => ApiError::new(
-            ErrorCode::InvalidApiKey,
-            "missing or unknown API key (send `Authorization: Bearer <key>`)",
-        )
-        .into_response(),
+        .and_then(|v| v.to_str().ok());
+    match state.preparer.authorize(presented) {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
     }
 }
 
@@ -127,7 +135,8 @@ async fn metrics(State(state): State<Arc<AppState>>) -> String {
 
 async fn list_models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     let data: Vec<_> = state
-        .models
+        .preparer
+        .models()
         .iter()
         .map(|m| {
             json!({
@@ -142,58 +151,74 @@ async fn list_models(State(state): State<Arc<AppState>>) -> Json<serde_json::Val
     Json(json!({ "object": "list", "data": data }))
 }
 
-async fn completions(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let result = async {
-        let request: CompletionRequest = openai::parse_request(&body)?;
-        let generation = request.params.validate(16)?;
-        let model = state.models.get(&request.model)?;
-        let prompt = match request.prompt {
-            Prompt::Text(text) => model.encode(&text)?,
-            Prompt::Tokens(ids) => ids,
-            Prompt::Texts(mut texts) if texts.len() == 1 => model.encode(&texts.remove(0))?,
-            Prompt::Texts(_) => {
-                return Err(ApiError::invalid(
-                    "prompt",
-                    "batched prompts are not supported; send one prompt per request",
-                ));
+async fn completions(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let headers = request.headers().clone();
+    let prepared = async {
+        let body = read_body(&state.config, request).await?;
+        state
+            .preparer
+            .prepare(move || {
+                openai::parse_request::<CompletionRequest>(&body).map(ClientRequest::Completion)
+            })
+            .await
+    }
+    .await;
+    respond(&state, Endpoint::Completions, prepared, &headers).await
+}
+
+async fn chat_completions(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let headers = request.headers().clone();
+    let prepared = async {
+        let body = read_body(&state.config, request).await?;
+        state
+            .preparer
+            .prepare(move || openai::parse_request::<ChatRequest>(&body).map(ClientRequest::Chat))
+            .await
+    }
+    .await;
+    respond(&state, Endpoint::Chat, prepared, &headers).await
+}
+
+/// Reads a request body within the size limit and the body read timeout.
+async fn read_body(config: &Config, request: Request) -> Result<Bytes, ApiError> {
+    let limit = config.max_body_bytes;
+    let too_large = || {
+        ApiError::new(
+            ErrorCode::RequestTooLarge,
+            format!("the request body is larger than {limit} bytes"),
+        )
+    };
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let read = axum::body::to_bytes(request.into_body(), limit);
+    match tokio::time::timeout(config.body_read_timeout, read).await {
+        Err(_) => Err(ApiError::new(
+            ErrorCode::RequestTimeout,
+            format!(
+                "the request body took longer than {} s to arrive",
+                config.body_read_timeout.as_secs()
+            ),
+        )),
+        Ok(Ok(body)) => Ok(body),
+        Ok(Err(e)) => {
+            let inner = e.into_inner();
+            if inner.downcast_ref::<LengthLimitError>().is_some() {
+                Err(too_large())
+            } else {
+                Err(ApiError::invalid(
+                    "body",
+                    format!("reading the body failed: {inner}"),
+                ))
             }
-        };
-        model.check_prompt(&prompt, generation.sampling.max_tokens, "prompt")?;
-        Ok((model, prompt, generation))
+        }
     }
-    .await;
-    respond(&state, Endpoint::Completions, result, &headers).await
 }
-
-async fn chat_completions(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let result = async {
-        let request: ChatRequest = openai::parse_request(&body)?;
-        let model = state.models.get(&request.model)?;
-        let conversation = request.conversation()?;
-        let text = model.render_chat(&conversation)?;
-        let prompt = model.encode(&text)?;
-        let default = state
-            .config
-            .default_max_tokens
-            .min(model.context_len.saturating_sub(prompt.len() as u32))
-            .max(1);
-        let generation = request.params.validate(default)?;
-        model.check_prompt(&prompt, generation.sampling.max_tokens, "messages")?;
-        Ok((model, prompt, generation))
-    }
-    .await;
-    respond(&state, Endpoint::Chat, result, &headers).await
-}
-
-type Prepared = (Arc<ServedModel>, Vec<u32>, Generation);
 
 /// Submits a prepared request and answers it, streaming or not. `headers` are the HTTP
 /// request's: a W3C trace context in them makes the request's trace part of the caller's.
@@ -208,9 +233,9 @@ async fn respond(
         Endpoint::Chat => "chat",
     };
     let response = match prepared {
-        Ok((model, prompt, generation)) => {
+        Ok(prepared) => {
             let caller_trace = preble_telemetry::propagation::from_http(headers);
-            serve(state, endpoint, model, prompt, generation, caller_trace)
+            serve(state, prepared, caller_trace)
                 .await
                 .unwrap_or_else(IntoResponse::into_response)
         }
@@ -242,12 +267,15 @@ impl Drop for InFlight {
 
 async fn serve(
     state: &Arc<AppState>,
-    endpoint: Endpoint,
-    model: Arc<ServedModel>,
-    prompt: Vec<u32>,
-    generation: Generation,
+    prepared: Prepared,
     caller_trace: Option<async_nats::HeaderMap>,
 ) -> Result<Response, ApiError> {
+    let Prepared {
+        endpoint,
+        model,
+        prompt,
+        generation,
+    } = prepared;
     let in_flight = InFlight::new(&state.metrics);
     let started = Instant::now();
     let prompt_len = prompt.len() as u32;

@@ -5,22 +5,30 @@
 //! Layout:
 //! - [`config`]: flags and the validated configuration.
 //! - [`models`]: served models: tokenizer, chat template, context length.
+//! - [`chat`]: conversations to prompt tokens, user content kept as data.
+//! - [`fields`]: which request fields are honoured; the rest are refused by name.
+//! - [`prepare`]: one request preparation (key, checks, defaults, tokenisation) for both doors.
 //! - [`error`]: API errors and their OpenAI-shaped bodies.
 //! - [`openai`]: the OpenAI request and response types.
 //! - [`relay`]: submits a request over NATS and yields its ordered token stream; cancels the
 //!   request everywhere when the consumer goes away.
 //! - [`text`]: incremental detokenisation and stop strings on top of a relay.
 //! - [`http`]: the axum routes; [`nats_api`]: the same over NATS.
+//! - [`serve`]: HTTP/1.1 connections within limits (cap, header and body timeouts).
 //! - [`metrics`]: Prometheus metrics.
 
+pub mod chat;
 pub mod config;
 pub mod error;
+pub mod fields;
 pub mod http;
 pub mod metrics;
 pub mod models;
 pub mod nats_api;
 pub mod openai;
+pub mod prepare;
 pub mod relay;
+pub mod serve;
 pub mod text;
 
 pub use config::{Args, Config};

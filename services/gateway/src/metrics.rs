@@ -27,6 +27,12 @@ pub struct Metrics {
     pub duplicate_messages: IntCounter,
     /// Requests queued again because their worker was lost before any output.
     pub resubmissions: IntCounter,
+    /// Client connections open.
+    pub connections_open: IntGauge,
+    /// Connections that never sent a request, closed to make room for new ones.
+    pub connections_evicted: IntCounter,
+    /// Connections refused because every slot was serving a request.
+    pub connections_refused: IntCounter,
 }
 
 impl Metrics {
@@ -104,6 +110,24 @@ impl Metrics {
                 &registry,
                 "preble:requests_resubmitted_total",
                 "Requests queued again because their worker was lost before any output",
+            ),
+            connections_open: reg(
+                &registry,
+                IntGauge::with_opts(Opts::new(
+                    "preble:http_connections_open",
+                    "Client connections open",
+                ))
+                .expect("valid metric"),
+            ),
+            connections_evicted: counter(
+                &registry,
+                "preble:http_connections_evicted_total",
+                "Connections that never sent a request, closed to make room for new ones",
+            ),
+            connections_refused: counter(
+                &registry,
+                "preble:http_connections_refused_total",
+                "Connections refused because every slot was serving a request",
             ),
             registry,
         }

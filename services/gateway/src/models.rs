@@ -27,6 +27,12 @@ pub struct ServedModel {
     pub context_len: u32,
     /// Unix time the gateway loaded it (the `created` of `/v1/models`).
     pub created: u64,
+    /// The same tokenizer with special-token matching off: special-token text is plain text.
+    pub(crate) plain_tokenizer: Tokenizer,
+    /// The special tokens' texts and ids, longest text first.
+    pub(crate) special_tokens: Vec<(String, u32)>,
+    /// Bytes of the longest vocabulary entry: no token covers more text than this.
+    longest_token_bytes: usize,
     templates: Environment<'static>,
     bos_token: String,
     eos_token: String,
@@ -97,10 +103,29 @@ impl ServedModel {
             .add_template_owned("chat", template)
             .context("compiling the chat template")?;
         let name = preble_modeldir::served_name(dir)?;
+        let mut plain_tokenizer = tokenizer.clone();
+        plain_tokenizer.set_encode_special_tokens(true);
+        let mut special_tokens: Vec<(String, u32)> = tokenizer
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special && !t.content.is_empty())
+            .map(|(id, t)| (t.content, id))
+            .collect();
+        special_tokens.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        let longest_token_bytes = tokenizer
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1)
+            .max(1);
         Ok(ServedModel {
             name,
             tokenizer,
             context_len,
+            plain_tokenizer,
+            special_tokens,
+            longest_token_bytes,
             created: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -111,12 +136,33 @@ impl ServedModel {
         })
     }
 
-    /// Token ids of `text` (special tokens written in the text are recognised).
+    /// Token ids of `text` (special tokens written in the text are recognised: a completion
+    /// prompt is the client's own markup; chat content goes through [`Self::encode_chat`]).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, ApiError> {
         self.tokenizer
             .encode(text, false)
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| ApiError::new(ErrorCode::Internal, format!("tokenisation failed: {e}")))
+    }
+
+    /// Refuses, before tokenising it, a text so long that it cannot fit the context whatever
+    /// its tokens: each token covers at most the longest vocabulary entry (a margin of 2 covers
+    /// normalisers that shorten text), so a huge prompt costs no tokenisation.
+    pub fn check_text_len(&self, text_bytes: usize, param: &str) -> Result<(), ApiError> {
+        let most = (self.context_len as usize)
+            .saturating_mul(self.longest_token_bytes)
+            .saturating_mul(2);
+        if text_bytes > most {
+            return Err(ApiError {
+                code: ErrorCode::ContextLengthExceeded,
+                message: format!(
+                    "This model's maximum context length is {} tokens; the {text_bytes}-byte prompt cannot fit it.",
+                    self.context_len
+                ),
+                param: Some(param.to_string()),
+            });
+        }
+        Ok(())
     }
 
     /// Checks that the prompt is usable and that it plus `max_tokens` fits the context.
@@ -151,7 +197,8 @@ impl ServedModel {
         Ok(())
     }
 
-    /// Renders a conversation with the model's chat template, ready for generation.
+    /// Renders a conversation with the model's chat template, ready for generation (roles as
+    /// given: [`Self::encode_chat`] checks them first).
     pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, ApiError> {
         let template = self
             .templates

@@ -1,22 +1,31 @@
 //! The NATS request API: a client publishes an [`ApiRequest`] to the API subject with a reply
-//! inbox and receives [`ApiEvent`]s there, numbered from 0, ending with `Done` or `Error`.
+//! inbox and receives [`ApiEvent`]s there, numbered from 0, ending with `Done` or `Error`. An
+//! `Authorization: Bearer <key>` header carries the API key; the request is prepared exactly as
+//! an HTTP one ([`crate::prepare`]).
 
 use std::sync::Arc;
 
-use async_nats::{Client, Subject};
+use async_nats::{Client, Message, Subject};
 use futures::StreamExt;
 use preble_protocol::{ApiEvent, ApiEventBody, ApiRequest, PROTOCOL_VERSION, decode, encode};
 use tracing::warn;
 
 use crate::error::ApiError;
 use crate::http::AppState;
-use crate::openai::CommonParams;
+use crate::prepare::{ClientRequest, Prepared};
 use crate::text::{TextEvent, TextGeneration};
+
+/// The queue group of the API subject: with several gateways on one prefix, each request is
+/// answered by exactly one.
+pub const QUEUE_GROUP: &str = "preble-gateway";
 
 /// Serves the API subject until the subscription ends.
 pub async fn serve(client: Client, state: Arc<AppState>) {
     let subject = state.config.subjects.api_generate();
-    let mut sub = match client.subscribe(subject.clone()).await {
+    let mut sub = match client
+        .queue_subscribe(subject.clone(), QUEUE_GROUP.to_string())
+        .await
+    {
         Ok(sub) => sub,
         Err(e) => {
             warn!(error = %e, %subject, "cannot serve the NATS API");
@@ -24,7 +33,7 @@ pub async fn serve(client: Client, state: Arc<AppState>) {
         }
     };
     while let Some(message) = sub.next().await {
-        let Some(reply) = message.reply else {
+        let Some(reply) = message.reply.clone() else {
             state.metrics.malformed_messages.inc();
             warn!("NATS API request without a reply subject; nobody to answer");
             continue;
@@ -38,28 +47,56 @@ pub async fn serve(client: Client, state: Arc<AppState>) {
                 seq: 0,
                 request_id: String::new(),
             };
-            match decode::<ApiRequest>(&message.payload) {
-                Ok(request) => {
-                    let caller_trace = message.headers.as_ref();
-                    if let Err(e) = generate(&state, request, caller_trace, &mut out).await {
-                        out.send(ApiEventBody::Error {
-                            code: e.code,
-                            message: e.message,
-                        })
-                        .await;
-                    }
-                }
-                Err(e) => {
-                    state.metrics.malformed_messages.inc();
-                    out.send(ApiEventBody::Error {
-                        code: preble_protocol::ErrorCode::InvalidRequest,
-                        message: format!("malformed API request: {e}"),
-                    })
-                    .await;
-                }
+            let served = answer(&state, message, &mut out).await;
+            state
+                .metrics
+                .requests
+                .with_label_values(&["nats", &status_of(&served)])
+                .inc();
+            if let Err(e) = served {
+                out.send(ApiEventBody::Error {
+                    code: e.code,
+                    message: e.message,
+                })
+                .await;
             }
         });
     }
+}
+
+/// The HTTP status an outcome would have had, for the request counter.
+fn status_of(served: &Result<(), ApiError>) -> String {
+    match served {
+        Ok(()) => "200".into(),
+        Err(e) => e.code.http_status().to_string(),
+    }
+}
+
+/// Checks the API key in the message's headers, prepares the request as HTTP would, and
+/// streams its events.
+async fn answer(state: &AppState, message: Message, out: &mut Replier) -> Result<(), ApiError> {
+    let authorization = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Authorization"))
+        .map(|v| v.as_str().to_string());
+    state.preparer.authorize(authorization.as_deref())?;
+    let metrics = state.metrics.clone();
+    let payload = message.payload.clone();
+    let prepared = state
+        .preparer
+        .prepare(move || match decode::<ApiRequest>(&payload) {
+            Ok(request) => ClientRequest::from_api(request),
+            Err(e) => {
+                metrics.malformed_messages.inc();
+                Err(ApiError::invalid(
+                    "body",
+                    format!("malformed API request: {e}"),
+                ))
+            }
+        })
+        .await?;
+    generate(state, prepared, message.headers.as_ref(), out).await
 }
 
 /// Publishes numbered events to one client's inbox.
@@ -89,44 +126,20 @@ impl Replier {
     }
 }
 
-/// Serves one NATS API request; `caller_trace` is the request message's headers (a W3C trace
-/// context in them makes the request's trace part of the caller's).
+/// Streams one prepared request's events; `caller_trace` is the request message's headers (a
+/// W3C trace context in them makes the request's trace part of the caller's).
 async fn generate(
     state: &AppState,
-    request: ApiRequest,
+    prepared: Prepared,
     caller_trace: Option<&async_nats::HeaderMap>,
     out: &mut Replier,
 ) -> Result<(), ApiError> {
-    let model = state.models.get(&request.model)?;
-    let prompt = match (&request.prompt, &request.prompt_tokens, &request.messages) {
-        (Some(text), None, None) => model.encode(text)?,
-        (None, Some(ids), None) => ids.clone(),
-        (None, None, Some(messages)) => model.encode(&model.render_chat(messages)?)?,
-        _ => {
-            return Err(ApiError::invalid(
-                "prompt",
-                "set exactly one of prompt, prompt_tokens and messages",
-            ));
-        }
-    };
-    let params = CommonParams {
-        max_tokens: request.max_tokens,
-        temperature: request.temperature,
-        top_p: request.top_p,
-        top_k: request.top_k.map(i64::from),
-        seed: request.seed,
-        stop: Some(crate::openai::Stop::Many(request.stop.clone())),
-        user: request.user.clone(),
-        ignore_eos: request.ignore_eos,
-        ..CommonParams::default()
-    };
-    let default = if request.messages.is_some() {
-        state.config.default_max_tokens
-    } else {
-        16
-    };
-    let generation = params.validate(default)?;
-    model.check_prompt(&prompt, generation.sampling.max_tokens, "prompt")?;
+    let Prepared {
+        model,
+        prompt,
+        generation,
+        ..
+    } = prepared;
     let prompt_len = prompt.len() as u32;
     let submitted = state
         .relay

@@ -101,13 +101,51 @@ pub struct ContentPart {
     pub text: Option<String>,
 }
 
-/// One chat message as sent by a client.
-#[derive(Clone, Debug, Deserialize)]
+/// One chat message as sent by a client. Fields of OpenAI's message that the gateway cannot
+/// honour (`name`, `tool_calls`, `tool_call_id`, `function_call`, `refusal`, `audio`) are
+/// refused when set; any other field is an error.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ChatMessageIn {
-    /// `system`, `user`, `assistant`, `tool`, `developer`.
+    /// `system`, `developer`, `user` or `assistant` ([`crate::chat::ROLES`]).
     pub role: String,
-    /// The content (may be null for assistant tool calls).
+    /// The content.
     pub content: Option<Content>,
+    /// Participant name (refused: chat templates have no place for it).
+    #[serde(default)]
+    pub name: Option<Value>,
+    /// Tool calls of an assistant turn (refused).
+    #[serde(default)]
+    pub tool_calls: Option<Value>,
+    /// The call a tool message answers (refused).
+    #[serde(default)]
+    pub tool_call_id: Option<Value>,
+    /// Legacy function call (refused).
+    #[serde(default)]
+    pub function_call: Option<Value>,
+    /// An assistant's refusal (refused).
+    #[serde(default)]
+    pub refusal: Option<Value>,
+    /// Audio of an assistant turn (refused).
+    #[serde(default)]
+    pub audio: Option<Value>,
+}
+
+impl ChatMessageIn {
+    /// The first field set that the gateway cannot honour.
+    fn unsupported_field(&self) -> Option<&'static str> {
+        [
+            ("name", &self.name),
+            ("tool_calls", &self.tool_calls),
+            ("tool_call_id", &self.tool_call_id),
+            ("function_call", &self.function_call),
+            ("refusal", &self.refusal),
+            ("audio", &self.audio),
+        ]
+        .into_iter()
+        .find(|(_, v)| v.as_ref().is_some_and(|v| !v.is_null()))
+        .map(|(name, _)| name)
+    }
 }
 
 /// `POST /v1/chat/completions`.
@@ -124,26 +162,32 @@ pub struct ChatRequest {
 
 /// A request body with the common parameters beside its own fields.
 pub trait WithParams: serde::de::DeserializeOwned {
+    /// The body's own fields (beyond [`crate::fields::COMMON`]).
+    const OWN_FIELDS: &'static [&'static str];
     /// Where the common parameters go.
     fn params_mut(&mut self) -> &mut CommonParams;
 }
 
 impl WithParams for CompletionRequest {
+    const OWN_FIELDS: &'static [&'static str] = crate::fields::COMPLETIONS;
     fn params_mut(&mut self) -> &mut CommonParams {
         &mut self.params
     }
 }
 
 impl WithParams for ChatRequest {
+    const OWN_FIELDS: &'static [&'static str] = crate::fields::CHAT;
     fn params_mut(&mut self) -> &mut CommonParams {
         &mut self.params
     }
 }
 
-/// Parses a request body and its common parameters, naming the offending field in errors.
+/// Parses a request body and its common parameters, naming the offending field in errors;
+/// a field the gateway would not honour is refused ([`crate::fields::check`]).
 pub fn parse_request<T: WithParams>(body: &[u8]) -> Result<T, ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid("body", format!("the body is not valid JSON: {e}")))?;
+    crate::fields::check(&value, T::OWN_FIELDS)?;
     let mut request: T = parse_value(&value)?;
     *request.params_mut() = parse_value(&value)?;
     Ok(request)
@@ -282,6 +326,12 @@ impl ChatRequest {
             .iter()
             .enumerate()
             .map(|(i, m)| {
+                if let Some(field) = m.unsupported_field() {
+                    return Err(ApiError::invalid(
+                        format!("messages[{i}].{field}"),
+                        format!("the message field `{field}` is not supported"),
+                    ));
+                }
                 let content = match &m.content {
                     None => String::new(),
                     Some(Content::Text(t)) => t.clone(),
@@ -315,7 +365,7 @@ pub fn usage_json(usage: &Usage) -> Value {
     json!({
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens.saturating_add(usage.completion_tokens),
         "prompt_tokens_details": { "cached_tokens": usage.cached_tokens },
     })
 }

@@ -189,7 +189,8 @@ impl TextGeneration {
             };
             match event {
                 RelayEvent::Tokens(ids) => {
-                    self.completion_tokens += ids.len() as u32;
+                    self.completion_tokens =
+                        self.completion_tokens.saturating_add(ids.len() as u32);
                     self.unsent_ids.extend_from_slice(&ids);
                     let text = match self.detokenizer.push(&self.model, &ids) {
                         Ok(t) => t,
@@ -212,6 +213,18 @@ impl TextGeneration {
                         let token_ids = std::mem::take(&mut self.unsent_ids);
                         return Some(Ok(TextEvent::Delta { text, token_ids }));
                     }
+                }
+                // `cancelled` is not an OpenAI finish reason: a request stopped before its end
+                // ends with the `cancelled` error instead.
+                RelayEvent::Final {
+                    finish_reason: FinishReason::Cancelled,
+                    ..
+                } => {
+                    self.done = true;
+                    return Some(Err(ApiError::new(
+                        ErrorCode::Cancelled,
+                        "the request was cancelled before it finished",
+                    )));
                 }
                 RelayEvent::Final {
                     finish_reason,

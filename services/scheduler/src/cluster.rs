@@ -43,12 +43,22 @@ pub struct Outstanding {
 /// What observing an event changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Observed {
+    /// The worker is known (it has sent a heartbeat): only then do its other events count.
+    pub known: bool,
     /// The worker is new (or back).
     pub joined: bool,
     /// Events were lost between the previous one and this one.
     pub gap: bool,
     /// A request ended: its charge was released.
     pub released: Option<String>,
+}
+
+/// Longest heartbeat period a worker may announce; a longer one is taken as this.
+const MAX_HEARTBEAT_PERIOD: Duration = Duration::from_secs(60);
+
+/// The period a heartbeat announces, within 1 ms and [`MAX_HEARTBEAT_PERIOD`].
+fn heartbeat_period(period_ms: u64) -> Duration {
+    Duration::from_millis(period_ms.max(1)).min(MAX_HEARTBEAT_PERIOD)
 }
 
 /// Every worker and every outstanding request.
@@ -72,7 +82,13 @@ impl Cluster {
     /// Applies one worker event.
     pub fn observe(&mut self, event: &WorkerEvent, now: Instant) -> Observed {
         let mut observed = Observed::default();
-        if let WorkerEventBody::Finished(f) = &event.body {
+        // Only the worker a request was dispatched to can end it.
+        if let WorkerEventBody::Finished(f) = &event.body
+            && self
+                .outstanding
+                .get(&f.request_id)
+                .is_some_and(|o| o.worker == event.worker_id)
+        {
             observed.released = self.release(&f.request_id).map(|_| f.request_id.clone());
         }
         let joined_by = match &event.body {
@@ -88,7 +104,7 @@ impl Cluster {
                     .or_insert(WorkerState {
                         models: beat.models.clone(),
                         last_seen: now,
-                        period: Duration::from_millis(beat.period_ms.max(1)),
+                        period: heartbeat_period(beat.period_ms),
                         load: WorkerLoad::default(),
                         last_seq: None,
                         leaving: false,
@@ -98,9 +114,10 @@ impl Cluster {
             // Events of a worker we do not know (yet) count once its heartbeat arrives.
             (None, None) => return observed,
         };
+        observed.known = true;
         state.last_seen = now;
         if let Some(last) = state.last_seq
-            && event.seq > last + 1
+            && event.seq > last.saturating_add(1)
         {
             observed.gap = true;
         }
@@ -110,7 +127,7 @@ impl Cluster {
         match &event.body {
             WorkerEventBody::Heartbeat(beat) => {
                 state.models = beat.models.clone();
-                state.period = Duration::from_millis(beat.period_ms.max(1));
+                state.period = heartbeat_period(beat.period_ms);
                 state.leaving = false;
                 state.kv_capacity_tokens = beat.kv_capacity_tokens;
             }
@@ -185,7 +202,7 @@ impl Cluster {
         let dead: Vec<String> = self
             .workers
             .iter()
-            .filter(|(_, w)| now.duration_since(w.last_seen) > w.period * misses)
+            .filter(|(_, w)| now.duration_since(w.last_seen) > w.period.saturating_mul(misses))
             .map(|(id, _)| id.clone())
             .collect();
         dead.into_iter()

@@ -23,6 +23,10 @@ pub struct Metrics {
     pub outstanding: IntGaugeVec,
     /// Worker event sequence gaps seen.
     pub event_gaps: IntCounter,
+    /// Cache events rejected as lies (a path hash that does not match its tokens).
+    pub rejected_events: IntCounter,
+    /// Events from workers that have not sent a heartbeat, ignored.
+    pub unknown_worker_events: IntCounter,
     /// Workers' KV-cache events received, by kind (`inserted`, `evicted`).
     pub kv_events: IntCounterVec,
     /// Cache digests asked of workers (on join, on an event gap, on an event out of step).
@@ -213,6 +217,22 @@ impl Metrics {
                 IntCounter::with_opts(opts(
                     "preble:scheduler_event_gaps_total",
                     "Gaps in worker event sequences",
+                ))
+                .expect("valid metric"),
+            ),
+            rejected_events: reg(
+                &registry,
+                IntCounter::with_opts(opts(
+                    "preble:scheduler_rejected_events_total",
+                    "Cache events rejected as lies (path hash not matching the tokens)",
+                ))
+                .expect("valid metric"),
+            ),
+            unknown_worker_events: reg(
+                &registry,
+                IntCounter::with_opts(opts(
+                    "preble:scheduler_unknown_worker_events_total",
+                    "Events from workers that have not sent a heartbeat, ignored",
                 ))
                 .expect("valid metric"),
             ),

@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use async_nats::jetstream::{self, AckKind, consumer::pull, stream};
 use async_nats::{Client, Request};
 use futures::StreamExt;
-use preble_policy::{ClusterEvent, ClusterView, Policy, RouteRequest};
+use preble_policy::{ClusterEvent, ClusterView, Policy, RouteRequest, TreeError};
 use preble_protocol::{
     Cancel, DigestRequest, Dispatch, DispatchOutcome, DispatchReply, ErrorCode, GenerateRequest,
     KvInserted, PROTOCOL_VERSION, StreamBody, StreamMessage, WorkerEvent, WorkerEventBody, decode,
@@ -415,6 +415,12 @@ impl Router {
             }
         };
         let observed = self.cluster.observe(&event, Instant::now());
+        if !observed.known {
+            // Cache and finish events count only from workers that have announced themselves.
+            self.metrics.unknown_worker_events.inc();
+            debug!(worker = %event.worker_id, "event from a worker that sent no heartbeat");
+            return;
+        }
         let worker = event.worker_id.as_str();
         let now_ms = preble_telemetry::unix_ms();
         let applied = match &event.body {
@@ -456,7 +462,12 @@ impl Router {
         match applied {
             Ok(()) => self.persist_event(&event),
             Err(e) => {
-                debug!(%worker, error = %e, "cache event out of step");
+                if matches!(e, TreeError::HashMismatch { .. }) {
+                    self.metrics.rejected_events.inc();
+                    warn!(%worker, error = %e, "lying cache event rejected; asking for a digest");
+                } else {
+                    debug!(%worker, error = %e, "cache event out of step");
+                }
                 self.request_digest(&event.worker_id);
             }
         }

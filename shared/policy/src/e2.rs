@@ -54,6 +54,10 @@ use crate::workers::WorkerIdx;
 use crate::{ClusterEvent, ClusterView, Decision, DecisionKind, Policy, RouteError, RouteRequest};
 use rustc_hash::FxHashMap;
 
+/// Longest TTFT or TPOT a finished request can plausibly report, ms (a day); longer values,
+/// like NaN or negative ones, are dropped as lies.
+const MAX_PLAUSIBLE_MS: f64 = 86_400_000.0;
+
 /// E2's knobs, with the paper's defaults.
 #[derive(Clone, Debug, PartialEq)]
 pub struct E2Config {
@@ -458,7 +462,8 @@ impl E2 {
         cost
     }
 
-    /// Picks among `terms` by total cost: the minimum with random ties, or a softmax draw.
+    /// Picks among `terms` (never empty) by total cost: the minimum with random ties, or a
+    /// softmax draw.
     fn pick(&self, terms: &[Terms], request_id: &str, salt: u64) -> Terms {
         let min = terms.iter().map(Terms::total).fold(f64::INFINITY, f64::min);
         let draw = mix64(self.config.seed ^ hash_str(request_id) ^ salt);
@@ -472,10 +477,16 @@ impl E2 {
             .iter()
             .filter(|t| t.total() <= min + 1e-9 * min.abs().max(1.0))
             .collect();
+        // No finite total at all (a cost term was poisoned): fall back to the first worker
+        // rather than fail the request.
+        let Some(&&first) = tied.first() else {
+            return terms[0];
+        };
         if self.config.paper_code {
-            return *tied[0];
+            return first;
         }
-        *tied[(draw % tied.len() as u64) as usize]
+        tied.get((draw % tied.len() as u64) as usize)
+            .map_or(first, |t| **t)
     }
 }
 
@@ -681,12 +692,20 @@ impl Policy for E2 {
             now_ms,
         } = *event
         {
+            // Timings come from the network: a value no real request has (NaN, infinite,
+            // negative, longer than a day) is dropped rather than let into the estimates.
+            let plausible = |ms: f64| ms.is_finite() && (0.0..=MAX_PLAUSIBLE_MS).contains(&ms);
             self.output.push(f64::from(output_tokens));
-            if tpot_ms > 0.0 {
+            if tpot_ms > 0.0 && plausible(tpot_ms) {
                 self.tpot.push(tpot_ms);
             }
-            if let Some(w) = self.mirror.known(worker) {
-                self.window(w).ttft.push_back((now_ms, ttft_ms));
+            if plausible(ttft_ms)
+                && let Some(w) = self.mirror.known(worker)
+            {
+                let window_ms = self.config.window_ms;
+                let win = self.window(w);
+                win.ttft.push_back((now_ms, ttft_ms));
+                win.expire(now_ms, window_ms);
             }
         }
         if let ClusterEvent::Released { request_id, .. } = *event

@@ -38,6 +38,14 @@ pub enum TreeError {
     /// The event names a path the tree does not know.
     #[error("unknown path {0:#x}")]
     UnknownPath(u64),
+    /// The event's path hash is not the hash of its parent path and tokens (a lying event).
+    #[error("path hash {claimed:#x} does not match its tokens (expected {expected:#x})")]
+    HashMismatch {
+        /// The hash the event claimed.
+        claimed: u64,
+        /// The hash of its parent path and tokens.
+        expected: u64,
+    },
 }
 
 /// Default load window of the per-node request counts, milliseconds (the paper's H).
@@ -497,10 +505,14 @@ impl GlobalTree {
         if tokens.is_empty() {
             return Ok(());
         }
-        let path = self.insert_below(parent, tokens, now_ms);
-        if let Some(&last) = path.last() {
-            debug_assert_eq!(self.nodes[last as usize].hash, hash, "path hash mismatch");
+        let expected = extend(parent_hash, tokens);
+        if expected != hash {
+            return Err(TreeError::HashMismatch {
+                claimed: hash,
+                expected,
+            });
         }
+        let path = self.insert_below(parent, tokens, now_ms);
         for &id in &path {
             self.mark(id, w, Mark::Holder, true);
         }
@@ -648,7 +660,9 @@ impl GlobalTree {
         };
         let id = self.store(node);
         self.children.insert((parent, first), id);
-        self.by_hash.insert(hash, id);
+        // A colliding hash (forged or not) never takes over another node's name, the root's
+        // above all: the new node is then reachable by its tokens only.
+        self.by_hash.entry(hash).or_insert(id);
         self.nodes[parent as usize].children += 1;
         id
     }
@@ -685,7 +699,7 @@ impl GlobalTree {
         let upper_id = self.store(upper);
         self.children.insert((parent, first), upper_id);
         self.children.insert((upper_id, lower_first), id);
-        self.by_hash.insert(hash, upper_id);
+        self.by_hash.entry(hash).or_insert(upper_id);
         self.nodes[id as usize].parent = upper_id;
         let holders = self.nodes[upper_id as usize].holders;
         for w in holders.iter() {

@@ -24,11 +24,19 @@ pub enum ErrorCode {
     Cancelled,
     /// A bug or an unexpected failure inside preble.
     Internal,
+    /// No such route (HTTP only).
+    NotFound,
+    /// The route exists but not for this method (HTTP only).
+    MethodNotAllowed,
+    /// The request body is larger than allowed (HTTP only).
+    RequestTooLarge,
+    /// The client took too long to send its request (HTTP only).
+    RequestTimeout,
 }
 
 impl ErrorCode {
     /// All codes, for exhaustive tests and documentation.
-    pub const ALL: [ErrorCode; 9] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::InvalidRequest,
         ErrorCode::InvalidApiKey,
         ErrorCode::ModelNotFound,
@@ -38,6 +46,10 @@ impl ErrorCode {
         ErrorCode::Timeout,
         ErrorCode::Cancelled,
         ErrorCode::Internal,
+        ErrorCode::NotFound,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::RequestTooLarge,
+        ErrorCode::RequestTimeout,
     ];
 
     /// The code as written in error bodies (`error.code`).
@@ -52,6 +64,10 @@ impl ErrorCode {
             ErrorCode::Timeout => "timeout",
             ErrorCode::Cancelled => "cancelled",
             ErrorCode::Internal => "internal",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::RequestTooLarge => "request_too_large",
+            ErrorCode::RequestTimeout => "request_timeout",
         }
     }
 
@@ -60,7 +76,10 @@ impl ErrorCode {
         match self {
             ErrorCode::InvalidRequest | ErrorCode::ContextLengthExceeded => 400,
             ErrorCode::InvalidApiKey => 401,
-            ErrorCode::ModelNotFound => 404,
+            ErrorCode::ModelNotFound | ErrorCode::NotFound => 404,
+            ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::RequestTimeout => 408,
+            ErrorCode::RequestTooLarge => 413,
             ErrorCode::Cancelled => 499,
             ErrorCode::Internal => 500,
             ErrorCode::WorkerLost => 502,
@@ -74,7 +93,11 @@ impl ErrorCode {
         match self {
             ErrorCode::InvalidRequest
             | ErrorCode::ModelNotFound
-            | ErrorCode::ContextLengthExceeded => "invalid_request_error",
+            | ErrorCode::ContextLengthExceeded
+            | ErrorCode::NotFound
+            | ErrorCode::MethodNotAllowed
+            | ErrorCode::RequestTooLarge
+            | ErrorCode::RequestTimeout => "invalid_request_error",
             ErrorCode::InvalidApiKey => "authentication_error",
             ErrorCode::Overloaded => "overloaded_error",
             ErrorCode::Timeout => "timeout_error",
