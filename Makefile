@@ -4,7 +4,7 @@ CARGO ?= cargo
 MODEL_DIR ?= models/preble-sim
 WORKERS ?= 4
 
-.PHONY: run test bench lint fmt model build services loadtest up torch-env tiny-model \
+.PHONY: run test bench lint fmt model build services loadtest up nats-auth torch-env tiny-model \
 	bench-model test-torch build-torch lint-torch bench-torch
 
 # The torch engine builds against the libtorch of a PyTorch 2.13.0 virtualenv kept outside
@@ -80,8 +80,16 @@ loadtest:
 	./target/release/preble-loadtest compare --workloads toolbench --requests 6000 \
 		--rates 10,20,30,40 --out loadtest-report
 
+## nats-auth: NATS users and permissions for compose (.preble/nats/: server config, credentials)
+NATS_AUTH_DIR ?= .preble/nats
+nats-auth:
+	@test -f $(NATS_AUTH_DIR)/nats.conf || { \
+		$(CARGO) build -q -p preble-natsauth && \
+		./target/debug/preble-nats-auth --out $(NATS_AUTH_DIR) --listen 0.0.0.0:4222 \
+			--store-dir /data --workers gpu-0,gpu-1,gpu-2,gpu-3,cuda-0; }
+
 ## up: the whole stack in containers (NATS, Redis, Jaeger, Prometheus, gateway, scheduler, 4 sim workers)
-up:
+up: nats-auth
 	docker compose up --build
 
 lint:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Makes sure NATS (with JetStream) listens on 127.0.0.1:4222 and Redis on 127.0.0.1:6379:
-# starts them if installed, installs them with apt-get if not.
+# starts them if installed, installs them with apt-get if not. (The tests use that NATS
+# without authentication; `make run` and the authentication tests start their own.)
 set -euo pipefail
 
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -15,8 +16,10 @@ wait_for() {
   exit 1
 }
 
+# nats-server itself is needed even when one listens: `make run` and the authentication
+# tests start servers of their own.
+command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || apt_install nats-server
 if ! listening 4222; then
-  command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || apt_install nats-server
   bin=$(command -v nats-server || echo /usr/sbin/nats-server)
   mkdir -p "${TMPDIR:-/tmp}/preble-nats"
   echo "starting nats-server (JetStream) on 127.0.0.1:4222"

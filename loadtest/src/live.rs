@@ -31,6 +31,11 @@ pub enum Transport {
         url: String,
         /// Subject prefix of the deployment.
         subject_prefix: String,
+        /// NATS user and password (the deployment's `client` identity), if the server wants
+        /// them.
+        credentials: Option<(String, String)>,
+        /// API key, when the gateway wants one (sent as an `Authorization` header).
+        api_key: Option<String>,
     },
 }
 
@@ -77,6 +82,7 @@ enum Sender {
     Nats {
         client: async_nats::Client,
         subject: String,
+        api_key: Option<String>,
     },
 }
 
@@ -96,11 +102,21 @@ pub async fn run(
         Transport::Nats {
             url,
             subject_prefix,
+            credentials,
+            api_key,
         } => Sender::Nats {
-            client: async_nats::connect(url.as_str())
-                .await
-                .with_context(|| format!("connecting to NATS at {url}"))?,
+            client: match credentials {
+                Some((user, password)) => async_nats::ConnectOptions::with_user_and_password(
+                    user.clone(),
+                    password.clone(),
+                ),
+                None => async_nats::ConnectOptions::new(),
+            }
+            .connect(url.as_str())
+            .await
+            .with_context(|| format!("connecting to NATS at {url}"))?,
             subject: Subjects::new(subject_prefix.clone()).api_generate(),
+            api_key: api_key.clone(),
         },
     });
     let started = Instant::now();
@@ -204,7 +220,11 @@ async fn send(
             }
             read_sse(response, t0).await
         }
-        Sender::Nats { client, subject } => {
+        Sender::Nats {
+            client,
+            subject,
+            api_key,
+        } => {
             let mut request = ApiRequest::completion(model, "");
             request.v = PROTOCOL_VERSION;
             request.prompt = None;
@@ -213,8 +233,17 @@ async fn send(
             request.ignore_eos = true;
             let inbox = client.new_inbox();
             let mut replies = client.subscribe(inbox.clone()).await?;
+            let mut headers = async_nats::HeaderMap::new();
+            if let Some(key) = api_key {
+                headers.insert("Authorization", format!("Bearer {key}").as_str());
+            }
             client
-                .publish_with_reply(subject.clone(), inbox, encode(&request).into())
+                .publish_with_reply_and_headers(
+                    subject.clone(),
+                    inbox,
+                    headers,
+                    encode(&request).into(),
+                )
                 .await?;
             let mut outcome = Outcome::default();
             while let Some(message) = replies.next().await {

@@ -106,6 +106,12 @@ enum Command {
         /// Use the NATS request API at this URL instead of HTTP.
         #[arg(long)]
         nats: Option<String>,
+        /// NATS user (the deployment's `client` identity from `preble-nats-auth`).
+        #[arg(long, env = "PREBLE_NATS_USER", requires = "nats_password")]
+        nats_user: Option<String>,
+        /// NATS password.
+        #[arg(long, env = "PREBLE_NATS_PASSWORD", hide_env_values = true)]
+        nats_password: Option<String>,
         /// Subject prefix of the deployment (NATS transport).
         #[arg(long, default_value = preble_protocol::subjects::DEFAULT_PREFIX)]
         subject_prefix: String,
@@ -577,6 +583,8 @@ async fn main() -> Result<()> {
             arrivals,
             gateway,
             nats,
+            nats_user,
+            nats_password,
             subject_prefix,
             model,
             api_key,
@@ -590,6 +598,8 @@ async fn main() -> Result<()> {
                 Some(url) => Transport::Nats {
                     url,
                     subject_prefix,
+                    credentials: nats_user.zip(nats_password),
+                    api_key,
                 },
                 None => Transport::Http {
                     base_url: gateway.clone(),

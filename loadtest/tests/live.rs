@@ -1,6 +1,7 @@
-//! The live driver against a real stack (gateway, scheduler, sim workers on the local NATS):
-//! the same workload over HTTP and over NATS completes with the asked output lengths, and
-//! shared prefixes show up as cached tokens.
+//! The live driver against a real stack (gateway, scheduler, sim workers on a NATS server with
+//! the deployment's users and permissions): the same workload over HTTP and over NATS (as the
+//! deployment's client identity) completes with the asked output lengths, and shared prefixes
+//! show up as cached tokens.
 
 use std::time::Duration;
 
@@ -8,17 +9,19 @@ use preble_loadtest::live::{LiveConfig, Transport, run};
 use preble_loadtest::report::{Judging, Summary};
 use preble_loadtest::workload::arrivals::Arrivals;
 use preble_loadtest::workload::synth::{Kind, SynthConfig, generate};
-use preble_tests::{NATS_URL, Options, TestCluster};
+use preble_tests::{Options, TestCluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_and_nats_runs_complete_every_request() {
     let cluster = TestCluster::start(Options {
         workers: 2,
         time_scale: 0.02,
+        auth: true,
         ..Options::default()
     })
     .await
     .unwrap();
+    let nats = cluster.nats.as_ref().expect("the cluster's own NATS");
     let mut requests = generate(&SynthConfig::new(Kind::ToolBench, 60, 2));
     Arrivals::Poisson {
         rate: 30.0,
@@ -31,8 +34,10 @@ async fn http_and_nats_runs_complete_every_request() {
             api_key: None,
         },
         Transport::Nats {
-            url: NATS_URL.to_string(),
+            url: nats.url.clone(),
             subject_prefix: cluster.prefix.clone(),
+            credentials: Some(nats.user_of("client.env").unwrap()),
+            api_key: None,
         },
     ] {
         let config = LiveConfig {

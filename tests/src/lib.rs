@@ -83,6 +83,10 @@ pub struct Options {
     pub model_dir: Option<PathBuf>,
     /// Environment variables for every service (gateway, scheduler and workers).
     pub env: Vec<(String, String)>,
+    /// Run on a NATS server of the cluster's own, started with the deployment's generated
+    /// users and permissions (`preble-nats-auth`), every service with its own identity;
+    /// otherwise on the shared server at [`NATS_URL`], without authentication.
+    pub auth: bool,
 }
 
 impl Default for Options {
@@ -96,6 +100,7 @@ impl Default for Options {
             worker_args: Vec::new(),
             model_dir: None,
             env: Vec::new(),
+            auth: false,
         }
     }
 }
@@ -134,8 +139,114 @@ pub struct TestCluster {
     scheduler_args: Vec<String>,
     env: Vec<(String, String)>,
     scheduler_starts: usize,
+    /// The NATS server the cluster uses.
+    pub nats_url: String,
+    /// With `auth`: the cluster's own NATS server (users, permissions, credential files).
+    pub nats: Option<NatsServer>,
     /// Where logs and the model live.
     pub dir: tempfile::TempDir,
+}
+
+/// A NATS server of a test's own, configured with a deployment's generated users and
+/// permissions; stopped when dropped.
+pub struct NatsServer {
+    /// Its URL.
+    pub url: String,
+    /// Where `nats.conf` and the credential files are.
+    pub auth_dir: PathBuf,
+    child: Child,
+}
+
+impl NatsServer {
+    /// Generates the users of a deployment (`prefix`, `workers`) under `dir` and starts a
+    /// server with them on a free port (JetStream stored under `dir` too).
+    pub async fn start(dir: &std::path::Path, prefix: &str, workers: &[String]) -> Result<Self> {
+        let port = free_port();
+        let auth_dir = dir.join("nats");
+        let generated = Command::new(binary("preble-nats-auth"))
+            .args(["--out"])
+            .arg(&auth_dir)
+            .args(["--subject-prefix", prefix, "--bcrypt-cost", "4"])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--workers")
+            .arg(workers.join(","))
+            .output()
+            .context("running preble-nats-auth")?;
+        if !generated.status.success() {
+            bail!(
+                "preble-nats-auth failed: {}",
+                String::from_utf8_lossy(&generated.stderr)
+            );
+        }
+        let server = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .context("nats-server is not installed (apt-get install nats-server)")?;
+        let log = std::fs::File::create(dir.join("nats-server.log"))?;
+        let child = Command::new(server)
+            .arg("-c")
+            .arg(auth_dir.join("nats.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .context("starting nats-server")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("nats-server did not listen on port {port}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Self {
+            url: format!("nats://127.0.0.1:{port}"),
+            auth_dir,
+            child,
+        })
+    }
+
+    /// The environment of one identity's credentials file (`gateway.env`, `scheduler.env`,
+    /// `client.env`, `worker-<id>.env`).
+    pub fn env_of(&self, file: &str) -> Result<Vec<(String, String)>> {
+        let path = self.auth_dir.join(file);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        Ok(text
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect())
+    }
+
+    /// The user and password of one identity.
+    pub fn user_of(&self, file: &str) -> Result<(String, String)> {
+        let env = self.env_of(file)?;
+        let get = |k: &str| {
+            env.iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+                .with_context(|| format!("{k} missing from {file}"))
+        };
+        Ok((get("PREBLE_NATS_USER")?, get("PREBLE_NATS_PASSWORD")?))
+    }
+
+    /// Connects as the identity of credentials file `file`, replies under its inbox prefix.
+    pub async fn connect_as(&self, file: &str, inbox_prefix: &str) -> Result<async_nats::Client> {
+        let (user, password) = self.user_of(file)?;
+        Ok(
+            async_nats::ConnectOptions::with_user_and_password(user, password)
+                .custom_inbox_prefix(inbox_prefix)
+                .connect(self.url.as_str())
+                .await?,
+        )
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl TestCluster {
@@ -156,7 +267,24 @@ impl TestCluster {
         let model = model_dir
             .file_name()
             .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
-        let prefix = format!("t{}.preble.v1", uuid::Uuid::new_v4().simple());
+        let prefix = format!("t{}.preble.v2", uuid::Uuid::new_v4().simple());
+        let worker_ids: Vec<String> = (0..options.workers).map(|i| format!("gpu-{i}")).collect();
+        let nats = if options.auth {
+            Some(NatsServer::start(dir.path(), &prefix, &worker_ids).await?)
+        } else {
+            None
+        };
+        let nats_url = nats
+            .as_ref()
+            .map_or_else(|| NATS_URL.to_string(), |n| n.url.clone());
+        // Each service's NATS identity: its generated credentials, or no authentication on
+        // the shared server.
+        let identity = |file: &str| -> Result<Vec<(String, String)>> {
+            match &nats {
+                Some(n) => n.env_of(file),
+                None => Ok(vec![("PREBLE_NATS_NO_AUTH".into(), "true".into())]),
+            }
+        };
         let log = |name: &str| -> Result<Stdio> {
             Ok(Stdio::from(std::fs::File::create(
                 dir.path().join(format!("{name}.log")),
@@ -166,7 +294,7 @@ impl TestCluster {
         let scheduler_port = free_port();
         let mut scheduler_args: Vec<String> = [
             "--nats-url",
-            NATS_URL,
+            &nats_url,
             "--subject-prefix",
             &prefix,
             "--no-worker-wait-ms",
@@ -180,10 +308,12 @@ impl TestCluster {
         scheduler_args.push("--http-addr".into());
         scheduler_args.push(format!("127.0.0.1:{scheduler_port}"));
         scheduler_args.extend(options.scheduler_args.iter().cloned());
+        let mut scheduler_env = identity("scheduler.env")?;
+        scheduler_env.extend(options.env.iter().cloned());
         let scheduler = if options.scheduler {
             Some(spawn_scheduler(
                 &scheduler_args,
-                &options.env,
+                &scheduler_env,
                 dir.path(),
                 0,
             )?)
@@ -191,13 +321,12 @@ impl TestCluster {
             None
         };
         let mut workers = Vec::new();
-        for i in 0..options.workers {
+        for id in worker_ids {
             let port = free_port();
-            let id = format!("gpu-{i}");
             let child = Command::new(binary("preble-worker"))
                 .args([
                     "--nats-url",
-                    NATS_URL,
+                    &nats_url,
                     "--subject-prefix",
                     &prefix,
                     "--worker-id",
@@ -213,6 +342,7 @@ impl TestCluster {
                     "100",
                 ])
                 .args(&options.worker_args)
+                .envs(identity(&format!("worker-{id}.env"))?)
                 .envs(options.env.iter().cloned())
                 .stdout(Stdio::null())
                 .stderr(log(&id)?)
@@ -227,13 +357,14 @@ impl TestCluster {
         let gateway_port = free_port();
         let mut gateway = Command::new(binary("preble-gateway"));
         gateway
-            .args(["--nats-url", NATS_URL, "--subject-prefix", &prefix])
+            .args(["--nats-url", &nats_url, "--subject-prefix", &prefix])
             .arg("--model-dir")
             .arg(&model_dir)
             .args(["--http-addr", &format!("127.0.0.1:{gateway_port}")])
             .args(["--stream-idle-timeout-s", "20"])
             .stdout(Stdio::null())
-            .stderr(log("gateway")?);
+            .stderr(log("gateway")?)
+            .envs(identity("gateway.env")?);
         for (k, v) in options.env.iter().chain(&options.gateway_env) {
             gateway.env(k, v);
         }
@@ -247,8 +378,10 @@ impl TestCluster {
             children,
             scheduler,
             scheduler_args,
-            env: options.env.clone(),
+            env: scheduler_env,
             scheduler_starts: 1,
+            nats_url,
+            nats,
             dir,
         };
         cluster

@@ -13,10 +13,27 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// `compose.yaml` as `docker-compose config` resolves it (anchors and merges applied).
-fn resolved_compose() -> Yaml {
+/// `compose.yaml` as `docker-compose config` resolves it (anchors and merges applied), with
+/// the NATS users and credentials `make nats-auth` would write generated into `auth_dir`.
+fn resolved_compose(auth_dir: &Path) -> Yaml {
+    let generated = Command::new(preble_tests::binary("preble-nats-auth"))
+        .arg("--out")
+        .arg(auth_dir)
+        .args([
+            "--listen",
+            "0.0.0.0:4222",
+            "--store-dir",
+            "/data",
+            "--bcrypt-cost",
+            "4",
+        ])
+        .args(["--workers", "gpu-0,gpu-1,gpu-2,gpu-3,cuda-0"])
+        .output()
+        .expect("preble-nats-auth runs");
+    assert!(generated.status.success(), "{generated:?}");
     let output = Command::new("docker-compose")
         .current_dir(repo())
+        .env("PREBLE_NATS_AUTH_DIR", auth_dir)
         .args(["-f", "compose.yaml", "config"])
         .output()
         .expect("docker-compose runs (apt-get install docker-compose; make test installs it)");
@@ -73,9 +90,10 @@ fn read_dockerfile(path: &Path) -> Dockerfile {
 fn env_vars_read_by(binary: &Path) -> BTreeSet<String> {
     let output = Command::new(binary).arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&output.stdout);
+    // `[env: NAME=value]`, or `[env: NAME]` for a variable whose value is hidden (a secret).
     help.split("[env: ")
         .skip(1)
-        .map(|rest| rest.split('=').next().unwrap().to_string())
+        .map(|rest| rest.split(['=', ']']).next().unwrap().to_string())
         .collect()
 }
 
@@ -85,7 +103,8 @@ fn port_of(addr: &str) -> u16 {
 
 #[test]
 fn compose_services_match_their_dockerfiles_and_binaries() {
-    let compose = resolved_compose();
+    let auth = tempfile::tempdir().unwrap();
+    let compose = resolved_compose(auth.path());
     let services = compose["services"].as_hash().expect("services");
     let mut http_ports: BTreeMap<String, u16> = BTreeMap::new();
     let mut built = 0;
@@ -127,6 +146,26 @@ fn compose_services_match_their_dockerfiles_and_binaries() {
                 "{name} sets {key}, which {binary_name} does not read (it reads {reads:?})"
             );
         }
+        // Every service connects to NATS as its own user (from its credentials file).
+        let user = env
+            .get("PREBLE_NATS_USER")
+            .unwrap_or_else(|| panic!("{name} has no NATS identity"));
+        let expected_user = match name {
+            "gateway" | "scheduler" => format!("preble-{name}"),
+            _ => format!(
+                "preble-worker-{}",
+                env.get("PREBLE_WORKER_ID").map_or("?", String::as_str)
+            ),
+        };
+        assert_eq!(user, &expected_user, "{name}'s NATS user");
+        assert!(
+            env.contains_key("PREBLE_NATS_PASSWORD"),
+            "{name}: no password"
+        );
+        assert!(
+            !env.contains_key("PREBLE_NATS_NO_AUTH"),
+            "{name} skips authentication"
+        );
         let listen = port_of(
             env.get("PREBLE_HTTP_ADDR")
                 .unwrap_or_else(|| panic!("{name}: no PREBLE_HTTP_ADDR")),
@@ -192,6 +231,35 @@ fn compose_services_match_their_dockerfiles_and_binaries() {
             "compose has {needed}"
         );
     }
+
+    // NATS runs with the generated users and permissions.
+    let nats = &compose["services"]["nats"];
+    let command: Vec<&str> = nats["command"]
+        .as_vec()
+        .expect("nats command")
+        .iter()
+        .filter_map(Yaml::as_str)
+        .collect();
+    assert!(
+        command
+            .windows(2)
+            .any(|w| w == ["-c", "/etc/nats/nats.conf"]),
+        "{command:?}"
+    );
+    let mounts: Vec<&str> = nats["volumes"]
+        .as_vec()
+        .expect("nats volumes")
+        .iter()
+        .filter_map(Yaml::as_str)
+        .collect();
+    assert!(
+        mounts
+            .iter()
+            .any(|m| m.ends_with("nats.conf:/etc/nats/nats.conf:ro")),
+        "{mounts:?}"
+    );
+    let config = std::fs::read_to_string(auth.path().join("nats.conf")).unwrap();
+    assert!(config.contains("authorization") && config.contains("store_dir: \"/data\""));
 
     // Prometheus scrapes every preble service on the port it listens on.
     let text = std::fs::read_to_string(repo().join("docker/prometheus.yml")).unwrap();

@@ -14,9 +14,9 @@ use crate::serve::ConnectionLimits;
 #[derive(Parser, Debug, Clone)]
 #[command(version)]
 pub struct Args {
-    /// NATS server URL.
-    #[arg(long, env = "PREBLE_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
+    /// NATS connection: URL, credentials, TLS.
+    #[command(flatten)]
+    pub nats: preble_telemetry::nats::NatsArgs,
     /// Subject prefix of the deployment.
     #[arg(long, env = "PREBLE_SUBJECT_PREFIX", default_value = preble_protocol::subjects::DEFAULT_PREFIX)]
     pub subject_prefix: String,
@@ -79,8 +79,8 @@ pub struct Args {
 /// The validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// NATS server URL.
-    pub nats_url: String,
+    /// NATS connection settings.
+    pub nats: preble_telemetry::nats::NatsConfig,
     /// Subjects of the deployment.
     pub subjects: Subjects,
     /// HTTP address.
@@ -126,7 +126,7 @@ impl Config {
             n => n,
         };
         Ok(Config {
-            nats_url: args.nats_url,
+            nats: args.nats.config()?,
             subjects: Subjects::new(args.subject_prefix),
             http_addr: args.http_addr,
             model_dirs: args.model_dirs,

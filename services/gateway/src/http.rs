@@ -17,6 +17,7 @@ use axum::{
 };
 use futures::{Stream, StreamExt, stream};
 use http_body_util::LengthLimitError;
+use preble_protocol::roles::Role;
 use preble_protocol::{ErrorCode, Usage};
 use serde_json::json;
 use tracing::info;
@@ -48,7 +49,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let models = Models::load(&config.model_dirs)?;
-    let client = preble_telemetry::connect_nats(&config.nats_url, "preble-gateway").await?;
+    let client = preble_telemetry::nats::connect(
+        &config.nats,
+        "preble-gateway",
+        &Role::Gateway.inbox_prefix(),
+    )
+    .await?;
     let metrics = Metrics::new();
     let relay = Relay::new(
         client.clone(),

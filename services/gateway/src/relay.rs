@@ -80,7 +80,6 @@ impl Relay {
         caller_trace: Option<&HeaderMap>,
     ) -> Result<Generation, ApiError> {
         let request_id = uuid::Uuid::new_v4().simple().to_string();
-        let stream_subject = self.subjects.stream(&request_id);
         let span = preble_telemetry::propagation::start_trace(caller_trace, || {
             tracing::info_span!(
                 "gateway.request",
@@ -103,7 +102,7 @@ impl Relay {
             model.to_string(),
             prompt_tokens,
             sampling,
-            stream_subject,
+            request_id.clone(),
         );
         request.submitted_at_ms = preble_telemetry::unix_ms();
         request.user = user;
@@ -138,7 +137,7 @@ impl Relay {
     ) -> Result<Subscriber, ApiError> {
         let subscription = self
             .client
-            .subscribe(request.stream_subject.clone())
+            .subscribe(self.subjects.stream_of(&request.stream_key))
             .await
             .map_err(|e| {
                 ApiError::new(
@@ -294,10 +293,7 @@ impl Generation {
             ));
         }
         self.resubmissions += 1;
-        self.request.stream_subject = self
-            .relay
-            .subjects
-            .stream(&format!("{}-retry{}", self.request_id, self.resubmissions));
+        self.request.stream_key = format!("{}-retry{}", self.request_id, self.resubmissions);
         warn!(request = %self.request_id, attempt = self.resubmissions, "worker lost before any output: queued again");
         self.subscription = self.relay.publish(&self.request, &self.span).await?;
         self.buffer.clear();

@@ -36,8 +36,8 @@ pub struct Outstanding {
     pub worker: String,
     /// Its prompt length.
     pub prompt_tokens: u64,
-    /// Where its stream goes (to tell the client if the worker dies).
-    pub stream_subject: String,
+    /// Its stream key (to tell the client if the worker dies).
+    pub stream_key: String,
 }
 
 /// What observing an event changed.
@@ -273,7 +273,7 @@ mod tests {
         Outstanding {
             worker: worker.into(),
             prompt_tokens: 10,
-            stream_subject: "s".into(),
+            stream_key: "s".into(),
         }
     }
 

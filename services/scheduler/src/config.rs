@@ -13,9 +13,9 @@ use preble_telemetry::LogFormat;
 #[derive(Parser, Debug, Clone)]
 #[command(version)]
 pub struct Args {
-    /// NATS server URL.
-    #[arg(long, env = "PREBLE_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
+    /// NATS connection: URL, credentials, TLS.
+    #[command(flatten)]
+    pub nats: preble_telemetry::nats::NatsArgs,
     /// Subject prefix of the deployment.
     #[arg(long, env = "PREBLE_SUBJECT_PREFIX", default_value = preble_protocol::subjects::DEFAULT_PREFIX)]
     pub subject_prefix: String,
@@ -111,8 +111,8 @@ pub struct Args {
 /// The validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// NATS server URL.
-    pub nats_url: String,
+    /// NATS connection settings.
+    pub nats: preble_telemetry::nats::NatsConfig,
     /// Subjects of the deployment.
     pub subjects: Subjects,
     /// Routing policy.
@@ -188,7 +188,7 @@ impl Config {
             seed: args.seed,
         };
         Ok(Config {
-            nats_url: args.nats_url,
+            nats: args.nats.config()?,
             subjects: Subjects::new(args.subject_prefix),
             policy: args.policy,
             policy_settings,

@@ -12,6 +12,7 @@ use async_nats::jetstream::{self, AckKind, consumer::pull, stream};
 use async_nats::{Client, Request};
 use futures::StreamExt;
 use preble_policy::{ClusterEvent, ClusterView, Policy, RouteRequest, TreeError};
+use preble_protocol::subjects::SCHEDULER_ORIGIN;
 use preble_protocol::{
     Cancel, DigestRequest, Dispatch, DispatchOutcome, DispatchReply, ErrorCode, GenerateRequest,
     KvInserted, PROTOCOL_VERSION, StreamBody, StreamMessage, WorkerEvent, WorkerEventBody, decode,
@@ -34,7 +35,12 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let client = preble_telemetry::connect_nats(&config.nats_url, "preble-scheduler").await?;
+    let client = preble_telemetry::nats::connect(
+        &config.nats,
+        "preble-scheduler",
+        &preble_protocol::roles::Role::Scheduler.inbox_prefix(),
+    )
+    .await?;
     let js = jetstream::new(client.clone());
     let stream = js
         .get_or_create_stream(stream::Config {
@@ -141,7 +147,7 @@ pub async fn run(
                     break;
                 }
             },
-            Some(event) = events.next() => router.on_event(&event.payload),
+            Some(event) = events.next() => router.on_event(&event.subject, &event.payload),
             Some(result) = results.recv() => router.on_result(result),
             Some(digest) = digests.recv() => router.on_digest(digest),
             _ = tick.tick() => router.on_tick(),
@@ -297,7 +303,7 @@ impl Router {
             Outstanding {
                 worker: decision.worker.clone(),
                 prompt_tokens: request.prompt_tokens.len() as u64,
-                stream_subject: request.stream_subject.clone(),
+                stream_key: request.stream_key.clone(),
             },
         );
         pending.attempts += 1;
@@ -405,7 +411,9 @@ impl Router {
         }
     }
 
-    fn on_event(&mut self, payload: &[u8]) {
+    /// Applies one worker event. Its worker is the one its subject names (the server lets only
+    /// that worker publish there); a body claiming another worker is a lie, dropped.
+    fn on_event(&mut self, subject: &str, payload: &[u8]) {
         let event = match decode::<WorkerEvent>(payload) {
             Ok(event) => event,
             Err(e) => {
@@ -414,6 +422,11 @@ impl Router {
                 return;
             }
         };
+        if self.config.subjects.events_worker(subject) != Some(event.worker_id.as_str()) {
+            self.metrics.rejected_events.inc();
+            warn!(%subject, claimed = %event.worker_id, "worker event published under another worker's name; dropped");
+            return;
+        }
         let observed = self.cluster.observe(&event, Instant::now());
         if !observed.known {
             // Cache and finish events count only from workers that have announced themselves.
@@ -605,7 +618,7 @@ impl Router {
             for (request_id, outstanding) in owed {
                 self.send_error(
                     &request_id,
-                    &outstanding.stream_subject,
+                    &outstanding.stream_key,
                     ErrorCode::WorkerLost,
                     format!("worker {worker} stopped responding"),
                 );
@@ -657,7 +670,7 @@ impl Router {
             .record("error", format!("{}: {message}", code.as_str()));
         self.send_error(
             &pending.request.request_id,
-            &pending.request.stream_subject,
+            &pending.request.stream_key,
             code,
             message,
         );
@@ -666,7 +679,9 @@ impl Router {
         });
     }
 
-    fn send_error(&self, request_id: &str, subject: &str, code: ErrorCode, message: String) {
+    /// Ends the stream of key `stream_key` with an error, published under the scheduler's own
+    /// origin.
+    fn send_error(&self, request_id: &str, stream_key: &str, code: ErrorCode, message: String) {
         self.metrics
             .request_errors
             .with_label_values(&[code.as_str()])
@@ -678,7 +693,10 @@ impl Router {
             body: StreamBody::Error { code, message },
         };
         let client = self.client.clone();
-        let subject = subject.to_string();
+        let subject = self
+            .config
+            .subjects
+            .stream_from(SCHEDULER_ORIGIN, stream_key);
         tokio::spawn(async move {
             client.publish(subject, encode(&error).into()).await.ok();
         });

@@ -14,9 +14,9 @@ use crate::model::ModelInfo;
 #[derive(Parser, Debug, Clone)]
 #[command(version)]
 pub struct Args {
-    /// NATS server URL.
-    #[arg(long, env = "PREBLE_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
+    /// NATS connection: URL, credentials, TLS.
+    #[command(flatten)]
+    pub nats: preble_telemetry::nats::NatsArgs,
     /// Subject prefix of the deployment (several deployments can share one NATS).
     #[arg(long, env = "PREBLE_SUBJECT_PREFIX", default_value = preble_protocol::subjects::DEFAULT_PREFIX)]
     pub subject_prefix: String,
@@ -109,8 +109,8 @@ impl EngineChoice {
 /// The validated configuration a worker runs with.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// NATS server URL.
-    pub nats_url: String,
+    /// NATS connection settings.
+    pub nats: preble_telemetry::nats::NatsConfig,
     /// Subjects of the deployment.
     pub subjects: Subjects,
     /// This worker's id.
@@ -193,12 +193,18 @@ impl Config {
         let kv_capacity_tokens = args
             .kv_capacity_tokens
             .unwrap_or(profile.kv_capacity_tokens);
+        let worker_id = args
+            .worker_id
+            .unwrap_or_else(|| format!("worker-{}", std::process::id()));
+        if !preble_protocol::subjects::valid_worker_id(&worker_id) {
+            bail!(
+                "--worker-id {worker_id:?}: use letters, digits, '-' and '_' (at most 64, not                  starting with '_'); it is a NATS subject token and the worker's identity"
+            );
+        }
         Ok(Config {
-            nats_url: args.nats_url,
+            nats: args.nats.config()?,
             subjects: Subjects::new(args.subject_prefix),
-            worker_id: args
-                .worker_id
-                .unwrap_or_else(|| format!("worker-{}", std::process::id())),
+            worker_id,
             model,
             engine,
             profile,

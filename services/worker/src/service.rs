@@ -31,7 +31,10 @@ pub async fn run(
     mut config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let client = preble_telemetry::connect_nats(&config.nats_url, "preble-worker").await?;
+    let role = preble_protocol::roles::Role::Worker(config.worker_id.clone());
+    let client =
+        preble_telemetry::nats::connect(&config.nats, "preble-worker", &role.inbox_prefix())
+            .await?;
     let engine = {
         let config = config.clone();
         tokio::task::spawn_blocking(move || crate::engine::build(&config))
@@ -271,7 +274,10 @@ async fn serve_dispatch(
                         span,
                         phase,
                         request_id: request.request_id,
-                        stream_subject: request.stream_subject,
+                        // Published under this worker's own id, whatever the request says.
+                        stream_subject: config
+                            .subjects
+                            .stream_from(&config.worker_id, &request.stream_key),
                         sampling: request.sampling,
                         next_stream_seq: 0,
                         accepted_at: Instant::now(),

@@ -120,7 +120,7 @@ mod tests {
             from_the_future: u64,
         }
         let bytes = rmp_serde::to_vec_named(&Newer {
-            v: 1,
+            v: PROTOCOL_VERSION,
             request_id: "x".into(),
             reason: "r".into(),
             from_the_future: 7,

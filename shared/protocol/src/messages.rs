@@ -96,8 +96,10 @@ pub struct GenerateRequest {
     pub prompt_tokens: Vec<u32>,
     /// Sampling parameters.
     pub sampling: SamplingParams,
-    /// Subject on which the token stream goes back to the gateway.
-    pub stream_subject: String,
+    /// Key of the request's token stream: its worker publishes it on
+    /// [`crate::Subjects::stream_from`] under its own id, and the gateway listens on
+    /// [`crate::Subjects::stream_of`] this key.
+    pub stream_key: String,
     /// Gateway wall-clock time of submission, milliseconds since the Unix epoch.
     #[serde(default)]
     pub submitted_at_ms: u64,
@@ -113,7 +115,7 @@ impl GenerateRequest {
         model: String,
         prompt_tokens: Vec<u32>,
         sampling: SamplingParams,
-        stream_subject: String,
+        stream_key: String,
     ) -> Self {
         Self {
             v: PROTOCOL_VERSION,
@@ -121,7 +123,7 @@ impl GenerateRequest {
             model,
             prompt_tokens,
             sampling,
-            stream_subject,
+            stream_key,
             submitted_at_ms: 0,
             user: None,
         }

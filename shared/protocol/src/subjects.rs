@@ -1,12 +1,40 @@
 //! Subject names. No other crate writes a subject as a string literal.
+//!
+//! Who publishes a message is told by its subject, never by its body: each worker publishes
+//! only under its own id (`events.<id>`, `stream.<id>.<key>`), and the NATS server's
+//! permissions ([`crate::roles`]) let each identity publish only there.
 
 /// The default subject prefix of a preble deployment.
-pub const DEFAULT_PREFIX: &str = "preble.v1";
+pub const DEFAULT_PREFIX: &str = "preble.v2";
+
+/// The origin token of stream messages the scheduler sends (a lost worker, a failed dispatch);
+/// worker ids cannot start with `_`, so no worker can take it.
+pub const SCHEDULER_ORIGIN: &str = "_scheduler";
+
+/// The inbox prefix of a NATS identity: its replies arrive under `<prefix>.>`, which only it
+/// may subscribe to, so no other client can read them.
+pub fn inbox_prefix(user: &str) -> String {
+    format!("_INBOX_{}", sanitize(user))
+}
+
+/// The inbox prefix of NATS API clients (the client libraries' default).
+pub const CLIENT_INBOX_PREFIX: &str = "_INBOX";
+
+/// Whether `id` can name a worker: one NATS token of ASCII letters, digits, `-` and `_`, not
+/// starting with `_` (reserved for [`SCHEDULER_ORIGIN`]), at most 64 bytes.
+pub fn valid_worker_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && !id.starts_with('_')
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
 
 /// Builds every subject and JetStream name of one deployment from its prefix.
 ///
-/// The prefix defaults to `preble.v1`; tests and side-by-side deployments pick their own
-/// (for example `t3f9a.preble.v1`) so that nothing they publish reaches anyone else.
+/// The prefix defaults to `preble.v2`; tests and side-by-side deployments pick their own
+/// (for example `t3f9a.preble.v2`) so that nothing they publish reaches anyone else.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Subjects {
     prefix: String,
@@ -63,15 +91,30 @@ impl Subjects {
         format!("{}.cancel", self.prefix)
     }
 
-    /// The token stream of one request, from its worker (or the scheduler, for errors) to the
-    /// gateway that owns the client connection.
-    pub fn stream(&self, request_id: &str) -> String {
-        format!("{}.stream.{}", self.prefix, sanitize(request_id))
+    /// Where `origin` (a worker id, or [`SCHEDULER_ORIGIN`]) publishes the token stream of
+    /// the request whose stream key is `key`, for the gateway that owns the client connection.
+    pub fn stream_from(&self, origin: &str, key: &str) -> String {
+        format!(
+            "{}.stream.{}.{}",
+            self.prefix,
+            sanitize(origin),
+            sanitize(key)
+        )
+    }
+
+    /// The stream of one request from whichever origin (what the gateway subscribes to).
+    pub fn stream_of(&self, key: &str) -> String {
+        format!("{}.stream.*.{}", self.prefix, sanitize(key))
+    }
+
+    /// Every stream `origin` may publish.
+    pub fn streams_from(&self, origin: &str) -> String {
+        format!("{}.stream.{}.>", self.prefix, sanitize(origin))
     }
 
     /// Every request's token stream (a wildcard, for tools that watch the traffic).
     pub fn all_streams(&self) -> String {
-        format!("{}.stream.*", self.prefix)
+        format!("{}.stream.>", self.prefix)
     }
 
     /// Events of one worker: heartbeats, load reports, KV-cache changes, finished requests.
@@ -82,6 +125,19 @@ impl Subjects {
     /// Wildcard matching the events of every worker.
     pub fn all_events(&self) -> String {
         format!("{}.events.*", self.prefix)
+    }
+
+    /// The worker whose events subject `subject` is (the publisher the server vouches for).
+    pub fn events_worker<'a>(&self, subject: &'a str) -> Option<&'a str> {
+        subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".events.")
+            .filter(|id| !id.contains('.'))
+    }
+
+    /// Every worker's digest subject.
+    pub fn all_digests(&self) -> String {
+        format!("{}.digest.*", self.prefix)
     }
 
     /// Request-reply subject on which a worker answers with a full digest of its KV cache.
@@ -116,16 +172,31 @@ mod tests {
 
     #[test]
     fn subjects_share_the_prefix() {
-        let s = Subjects::new("t1.preble.v1.");
-        assert_eq!(s.requests(), "t1.preble.v1.requests");
-        assert_eq!(s.worker("gpu-0"), "t1.preble.v1.worker.gpu-0");
-        assert_eq!(s.stream("a.b*c"), "t1.preble.v1.stream.a_b_c");
-        assert_eq!(s.requests_stream(), "T1_PREBLE_V1_REQUESTS");
-        assert_eq!(s.all_events(), "t1.preble.v1.events.*");
+        let s = Subjects::new("t1.preble.v2.");
+        assert_eq!(s.requests(), "t1.preble.v2.requests");
+        assert_eq!(s.worker("gpu-0"), "t1.preble.v2.worker.gpu-0");
+        assert_eq!(
+            s.stream_from("gpu-0", "a.b*c"),
+            "t1.preble.v2.stream.gpu-0.a_b_c"
+        );
+        assert_eq!(s.stream_of("a.b*c"), "t1.preble.v2.stream.*.a_b_c");
+        assert_eq!(s.requests_stream(), "T1_PREBLE_V2_REQUESTS");
+        assert_eq!(s.all_events(), "t1.preble.v2.events.*");
+    }
+
+    #[test]
+    fn the_events_subject_names_its_worker() {
+        let s = Subjects::new("t1.preble.v2");
+        assert_eq!(s.events_worker(&s.events("gpu-3")), Some("gpu-3"));
+        assert_eq!(s.events_worker("t1.preble.v2.events.a.b"), None);
+        assert_eq!(s.events_worker("other.events.gpu-3"), None);
+        assert!(valid_worker_id("gpu-3") && valid_worker_id("a_b"));
+        assert!(!valid_worker_id("_scheduler") && !valid_worker_id("a.b"));
+        assert!(!valid_worker_id("") && !valid_worker_id("a*"));
     }
 
     #[test]
     fn default_prefix_is_versioned() {
-        assert_eq!(Subjects::default().requests(), "preble.v1.requests");
+        assert_eq!(Subjects::default().requests(), "preble.v2.requests");
     }
 }

@@ -7,9 +7,11 @@
 //!   publisher and consumer.
 //! - [`sampling`]: which requests are traced, decided once where a request enters.
 //! - [`render_metrics`]: a Prometheus registry as the text exposition format for `/metrics`.
-//! - Process plumbing every service shares: [`connect_nats`], [`bind`], [`serve_ops`],
-//!   [`shutdown_signal`].
+//! - [`nats`]: the NATS connection flags every service shares (credentials, TLS) and the
+//!   connection itself.
+//! - Process plumbing every service shares: [`bind`], [`serve_ops`], [`shutdown_signal`].
 
+pub mod nats;
 pub mod otlp;
 pub mod propagation;
 pub mod sampling;
@@ -129,17 +131,6 @@ pub async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-}
-
-/// Connects to NATS at `url`, naming the connection after `service` (as the server's
-/// connection reports show it); the error says where it tried.
-pub async fn connect_nats(url: &str, service: &str) -> anyhow::Result<async_nats::Client> {
-    use anyhow::Context as _;
-    async_nats::ConnectOptions::new()
-        .name(service)
-        .connect(url)
-        .await
-        .with_context(|| format!("connecting to NATS at {url}"))
 }
 
 /// Binds a service's HTTP listener; the error names the address.

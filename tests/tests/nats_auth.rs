@@ -1,0 +1,200 @@
+//! End to end on a NATS server of the test's own, configured by `preble-nats-auth`: every
+//! service has its own identity, anonymous clients are refused, and a client holding one
+//! worker's credentials can act only as that worker.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures::StreamExt;
+use preble_protocol::roles::Role;
+use preble_protocol::{
+    Cancel, Heartbeat, PROTOCOL_VERSION, Subjects, WorkerEvent, WorkerEventBody, encode,
+};
+use preble_tests::{Options, TestCluster, scrape};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+async fn authenticated_cluster() -> TestCluster {
+    TestCluster::start(Options {
+        workers: 2,
+        time_scale: 0.2,
+        auth: true,
+        ..Options::default()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_stack_serves_with_its_own_identities_and_refuses_anonymous_clients() {
+    let c = authenticated_cluster().await;
+    let nats = c.nats.as_ref().unwrap();
+    let (status, body) = post(
+        &c.gateway,
+        "/v1/chat/completions",
+        &json!({"model": c.model, "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}\n{}", c.logs());
+    let (status, events) = stream(
+        &c.gateway,
+        "/v1/completions",
+        &json!({"model": c.model, "prompt": "stream me", "max_tokens": 4, "stream": true}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    assert!(!streamed_text(&events).is_empty(), "{events:?}");
+
+    let anonymous = async_nats::ConnectOptions::new()
+        .connect(nats.url.as_str())
+        .await;
+    assert!(anonymous.is_err(), "an anonymous client was let in");
+    let (user, _) = nats.user_of("gateway.env").unwrap();
+    let wrong = async_nats::ConnectOptions::with_user_and_password(user, "guess".into())
+        .connect(nats.url.as_str())
+        .await;
+    assert!(wrong.is_err(), "a wrong password was let in");
+}
+
+/// A client with worker `gpu-0`'s credentials, and the server's permission errors it gets.
+async fn as_worker_zero(c: &TestCluster) -> (async_nats::Client, mpsc::UnboundedReceiver<String>) {
+    let nats = c.nats.as_ref().unwrap();
+    let (user, password) = nats.user_of("worker-gpu-0.env").unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let client = async_nats::ConnectOptions::with_user_and_password(user, password)
+        .custom_inbox_prefix(Role::Worker("gpu-0".into()).inbox_prefix())
+        .event_callback(move |event| {
+            let tx = tx.clone();
+            async move {
+                if let async_nats::Event::ServerError(e) = event {
+                    let _ = tx.send(e.to_string());
+                }
+            }
+        })
+        .connect(nats.url.as_str())
+        .await
+        .unwrap();
+    (client, rx)
+}
+
+fn heartbeat(worker: &str, seq: u64) -> WorkerEvent {
+    WorkerEvent {
+        v: PROTOCOL_VERSION,
+        worker_id: worker.into(),
+        seq,
+        at_ms: 0,
+        body: WorkerEventBody::Heartbeat(Heartbeat {
+            models: vec!["anything".into()],
+            engine: "sim".into(),
+            profile: "a6000-mistral-7b".into(),
+            kv_capacity_tokens: 1_000_000,
+            period_ms: 100,
+        }),
+    }
+}
+
+/// Waits until a permission error naming `subject` has arrived.
+async fn violation_for(
+    errors: &mut mpsc::UnboundedReceiver<String>,
+    seen: &mut Vec<String>,
+    subject: &str,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if seen
+            .iter()
+            .any(|e| e.contains("Permissions Violation") && e.contains(subject))
+        {
+            return;
+        }
+        match tokio::time::timeout_at(deadline, errors.recv()).await {
+            Ok(Some(e)) => seen.push(e),
+            _ => panic!("no permission violation for {subject}; errors seen: {seen:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_worker_identity_can_act_only_as_itself() {
+    let c = authenticated_cluster().await;
+    let s = Subjects::new(&c.prefix);
+    let (attacker, mut errors) = as_worker_zero(&c).await;
+    let mut seen = Vec::new();
+
+    // It can read no request's stream: subscribing is refused, and nothing arrives while a
+    // request streams.
+    let mut streams = attacker.subscribe(s.all_streams()).await.unwrap();
+    attacker.flush().await.unwrap();
+    violation_for(&mut errors, &mut seen, &s.all_streams()).await;
+
+    // It cannot register another worker, nor speak as gpu-1.
+    for worker in ["ghost", "gpu-1"] {
+        attacker
+            .publish(s.events(worker), encode(&heartbeat(worker, 1)).into())
+            .await
+            .unwrap();
+        attacker.flush().await.unwrap();
+        violation_for(&mut errors, &mut seen, &s.events(worker)).await;
+    }
+    // It cannot dispatch to another worker, cancel, or write into another worker's streams.
+    attacker
+        .publish(s.worker("gpu-1"), "dispatch".into())
+        .await
+        .unwrap();
+    let cancel = Cancel::new("anything", "attack");
+    attacker
+        .publish(s.cancel(), encode(&cancel).into())
+        .await
+        .unwrap();
+    attacker
+        .publish(s.stream_from("gpu-1", "anything"), "x".into())
+        .await
+        .unwrap();
+    attacker.flush().await.unwrap();
+    violation_for(&mut errors, &mut seen, &s.worker("gpu-1")).await;
+    violation_for(&mut errors, &mut seen, &s.cancel()).await;
+    violation_for(&mut errors, &mut seen, &s.stream_from("gpu-1", "anything")).await;
+
+    // On its own subject, a body naming another worker is a lie the scheduler drops.
+    attacker
+        .publish(s.events("gpu-0"), encode(&heartbeat("ghost", 1)).into())
+        .await
+        .unwrap();
+    attacker.flush().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while scrape(
+        &c.scheduler_metrics,
+        "preble:scheduler_rejected_events_total",
+    )
+    .await
+    .unwrap()
+        < 1.0
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The cluster still has exactly its two workers and serves; the attacker saw no stream.
+    for i in 0..4 {
+        let (status, body) = post(
+            &c.gateway,
+            "/v1/completions",
+            &json!({"model": c.model, "prompt": format!("request {i}"), "max_tokens": 3}),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let live = scrape(&c.scheduler_metrics, "preble:scheduler_live_workers")
+        .await
+        .unwrap();
+    assert_eq!(live, 2.0);
+    let leaked = tokio::time::timeout(Duration::from_millis(300), streams.next()).await;
+    assert!(
+        !matches!(leaked, Ok(Some(_))),
+        "the attacker read a stream: {leaked:?}"
+    );
+}
