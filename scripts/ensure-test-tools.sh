@@ -11,6 +11,8 @@ if ! command -v python3 >/dev/null || ! python3 -c "import ensurepip, venv" 2>/d
   missing+=(python3 python3-venv)
 fi
 command -v docker-compose >/dev/null || missing+=(docker-compose)
+# The Redis TLS test makes its certificates with openssl.
+command -v openssl >/dev/null || missing+=(openssl)
 
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]} (for the tests)"

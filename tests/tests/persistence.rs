@@ -160,3 +160,189 @@ async fn routing_survives_redis_restarts_and_persistence_catches_up() {
     .await;
     assert_eq!(status, 200, "{out}");
 }
+
+/// A `redis-server` that wants a password, optionally over TLS only (certificates made with
+/// openssl in `dir`: a CA, and a server certificate for 127.0.0.1 that it signed).
+fn start_secured_redis(port: u16, password: &str, tls_dir: Option<&std::path::Path>) -> Child {
+    let mut command = Command::new("redis-server");
+    command.args([
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--requirepass",
+        password,
+    ]);
+    match tls_dir {
+        None => {
+            command.args(["--port", &port.to_string()]);
+        }
+        Some(dir) => {
+            let run = |args: &[&str]| {
+                let out = Command::new("openssl")
+                    .current_dir(dir)
+                    .args(args)
+                    .output()
+                    .expect("openssl runs (scripts/ensure-test-tools.sh installs it)");
+                assert!(out.status.success(), "openssl {args:?}: {out:?}");
+            };
+            run(&[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=preble-test-ca",
+            ]);
+            run(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ]);
+            std::fs::write(
+                dir.join("ext"),
+                "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+            )
+            .unwrap();
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.pem",
+                "-days",
+                "2",
+                "-extfile",
+                "ext",
+            ]);
+            command.current_dir(dir).args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--tls-cert-file",
+                "server.pem",
+                "--tls-key-file",
+                "server.key",
+                "--tls-ca-cert-file",
+                "ca.pem",
+                "--tls-auth-clients",
+                "no",
+            ]);
+        }
+    }
+    let child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server is installed");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+/// Length of the value at `key` in a secured Redis (0 when absent or unreachable).
+fn secured_strlen(port: u16, password: &str, tls_dir: Option<&std::path::Path>, key: &str) -> u64 {
+    let mut command = Command::new("redis-cli");
+    command.args(["-p", &port.to_string(), "-a", password, "--no-auth-warning"]);
+    if let Some(dir) = tls_dir {
+        command.arg("--tls").arg("--cacert").arg(dir.join("ca.pem"));
+    }
+    let out = command
+        .args(["STRLEN", key])
+        .output()
+        .expect("redis-cli runs");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// Starts a cluster persisting to `url`; returns it once a request was routed.
+async fn cluster_persisting_to(url: &str, env: Vec<(String, String)>) -> TestCluster {
+    let cluster = TestCluster::start(Options {
+        workers: 1,
+        scheduler_args: vec![
+            "--redis-url".into(),
+            url.into(),
+            "--snapshot-interval-s".into(),
+            "1".into(),
+        ],
+        env,
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let (status, out) = post(
+        &cluster.gateway,
+        "/v1/completions",
+        &request(&cluster.model, 1, 0),
+    )
+    .await;
+    assert_eq!(status, 200, "{out}");
+    cluster
+}
+
+#[tokio::test]
+async fn redis_credentials_and_tls_come_from_the_url() {
+    for tls in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut redis = start_secured_redis(port, "s3cret", tls.then_some(dir.path()));
+        let scheme = if tls { "rediss" } else { "redis" };
+        // The CA that signed the server's certificate is trusted the standard way.
+        let env: Vec<(String, String)> = if tls {
+            vec![(
+                "SSL_CERT_FILE".into(),
+                dir.path().join("ca.pem").display().to_string(),
+            )]
+        } else {
+            Vec::new()
+        };
+        let good =
+            cluster_persisting_to(&format!("{scheme}://:s3cret@127.0.0.1:{port}"), env.clone())
+                .await;
+        let key = format!("{}:tree:snapshot", good.prefix);
+        wait_for("a snapshot written with the password", async || {
+            secured_strlen(port, "s3cret", tls.then_some(dir.path()), &key) > 0
+        })
+        .await;
+        // A wrong password: persistence is degraded, routing goes on.
+        let bad = cluster_persisting_to(&format!("{scheme}://:wrong@127.0.0.1:{port}"), env).await;
+        let metrics = bad.scheduler_metrics.clone();
+        wait_for("degraded persistence with a wrong password", async || {
+            scrape(&metrics, "preble:scheduler_persistence_degraded")
+                .await
+                .unwrap_or(0.0)
+                == 1.0
+        })
+        .await;
+        let (status, out) = post(&bad.gateway, "/v1/completions", &request(&bad.model, 2, 1)).await;
+        assert_eq!(status, 200, "{out}");
+        let _ = redis.kill();
+        let _ = redis.wait();
+    }
+}
