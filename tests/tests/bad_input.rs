@@ -433,3 +433,79 @@ async fn lying_and_anonymous_worker_events_leave_the_scheduler_routing() {
         assert_eq!(status, 200, "{body}\n{}", c.logs());
     }
 }
+
+#[tokio::test]
+async fn a_digest_larger_than_its_worker_can_hold_is_refused() {
+    use preble_protocol::{Digest, Heartbeat, KvInserted, WorkerEvent, WorkerEventBody};
+    let c = TestCluster::start(Options {
+        workers: 0,
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let client = async_nats::connect(preble_tests::NATS_URL).await.unwrap();
+    let s = Subjects::new(&c.prefix);
+    let event = |seq: u64, body: WorkerEventBody| WorkerEvent {
+        v: preble_protocol::PROTOCOL_VERSION,
+        worker_id: "liar".into(),
+        seq,
+        at_ms: 0,
+        body,
+    };
+    // A worker that claims a 100-token cache, then answers its digest request with 5,000
+    // tokens of spans that are each well-formed.
+    let mut digests = client.subscribe(s.digest("liar")).await.unwrap();
+    client.flush().await.unwrap();
+    let beat = Heartbeat {
+        models: vec![c.model.clone()],
+        engine: "sim".into(),
+        profile: "a6000-mistral-7b".into(),
+        kv_capacity_tokens: 100,
+        period_ms: 100_000,
+    };
+    client
+        .publish(
+            s.events("liar"),
+            encode(&event(1, WorkerEventBody::Heartbeat(beat))).into(),
+        )
+        .await
+        .unwrap();
+    let asked = tokio::time::timeout(Duration::from_secs(10), digests.next())
+        .await
+        .expect("the scheduler asks for a digest")
+        .unwrap();
+    let spans: Vec<KvInserted> = (0..50u32)
+        .map(|i| {
+            let tokens: Vec<u32> = (0..100).map(|t| i * 1000 + t).collect();
+            KvInserted {
+                parent_hash: preble_prefix::ROOT_HASH,
+                path_hash: preble_prefix::path_hash(&tokens),
+                tokens,
+            }
+        })
+        .collect();
+    let answer = event(2, WorkerEventBody::Digest(Digest { spans, more: false }));
+    client
+        .publish(asked.reply.unwrap(), encode(&answer).into())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < deadline {
+        let tokens = scrape(&c.scheduler_metrics, "preble:scheduler_tree_tokens")
+            .await
+            .unwrap();
+        assert_eq!(
+            tokens,
+            0.0,
+            "the oversized digest was applied\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        c.logs().contains("more than the worker can hold"),
+        "{}",
+        c.logs()
+    );
+}

@@ -3,6 +3,11 @@
 use clap::Parser;
 use preble_gateway::{Args, Config};
 
+// Tokenising a huge prompt allocates hundreds of megabytes for a moment; mimalloc gives them
+// back to the system afterwards, where the system allocator kept most (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();

@@ -162,6 +162,11 @@ impl Cluster {
         !self.eligible(model, &[]).is_empty()
     }
 
+    /// The KV-cache capacity `worker` announced, in tokens.
+    pub fn kv_capacity(&self, worker: &str) -> Option<u64> {
+        self.workers.get(worker).map(|w| w.kv_capacity_tokens)
+    }
+
     /// Number of live workers.
     pub fn live_workers(&self) -> usize {
         self.workers.values().filter(|w| !w.leaving).count()

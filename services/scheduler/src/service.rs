@@ -508,9 +508,17 @@ impl Router {
         let client = self.client.clone();
         let subject = self.config.subjects.digest(worker);
         let results = self.digests.clone();
+        // A cache holds at most what its worker announced, and the tree at most its bound: a
+        // digest past that is a lie, refused before it is all in memory.
+        let max_tokens = self
+            .cluster
+            .kv_capacity(worker)
+            .unwrap_or(u64::MAX)
+            .min(self.config.policy_settings.e2.max_tree_tokens);
         let worker = worker.to_string();
         tokio::spawn(async move {
-            let spans = tokio::time::timeout(DIGEST_TIMEOUT, fetch_digest(&client, subject))
+            let fetched = fetch_digest(&client, subject, max_tokens);
+            let spans = tokio::time::timeout(DIGEST_TIMEOUT, fetched)
                 .await
                 .unwrap_or_else(|_| Err("timed out".to_string()));
             let _ = results.send(DigestResult { worker, spans });
@@ -531,18 +539,27 @@ impl Router {
         let now_ms = preble_telemetry::unix_ms();
         let _ = self.policy.observe(&ClusterEvent::CacheReset { worker });
         let mut tokens = 0;
-        for span in &spans {
-            tokens += span.tokens.len();
-            if let Err(e) = self.policy.observe(&ClusterEvent::CacheInserted {
+        let mut applied = Vec::with_capacity(spans.len());
+        for span in spans {
+            match self.policy.observe(&ClusterEvent::CacheInserted {
                 worker,
                 parent_hash: span.parent_hash,
                 hash: span.path_hash,
                 tokens: &span.tokens,
                 now_ms,
             }) {
-                warn!(%worker, error = %e, "malformed digest span");
+                Ok(()) => {
+                    tokens += span.tokens.len();
+                    applied.push(span);
+                }
+                Err(e) => {
+                    // Only what applied is persisted: a restore never replays a lie.
+                    self.metrics.rejected_events.inc();
+                    warn!(%worker, error = %e, "digest span refused");
+                }
             }
         }
+        let spans = applied;
         info!(%worker, spans = spans.len(), tokens, "cache digest applied");
         if let Some(p) = &self.persistence {
             // A digest can be large: a snapshot records it more cheaply than its ops.
@@ -703,8 +720,13 @@ impl Router {
     }
 }
 
-/// Collects a worker's digest: asks on its digest subject, reads parts until the last.
-async fn fetch_digest(client: &Client, subject: String) -> Result<Vec<KvInserted>, String> {
+/// Collects a worker's digest: asks on its digest subject, reads parts until the last; more
+/// than `max_tokens` tokens in all is refused.
+async fn fetch_digest(
+    client: &Client,
+    subject: String,
+    max_tokens: u64,
+) -> Result<Vec<KvInserted>, String> {
     let inbox = client.new_inbox();
     let mut sub = client
         .subscribe(inbox.clone())
@@ -715,11 +737,21 @@ async fn fetch_digest(client: &Client, subject: String) -> Result<Vec<KvInserted
         .await
         .map_err(|e| e.to_string())?;
     let mut spans = Vec::new();
+    let mut tokens = 0u64;
     while let Some(message) = sub.next().await {
         let event = decode::<WorkerEvent>(&message.payload).map_err(|e| e.to_string())?;
         let WorkerEventBody::Digest(part) = event.body else {
             return Err("digest answer is not a digest".into());
         };
+        tokens = part
+            .spans
+            .iter()
+            .fold(tokens, |n, s| n.saturating_add(s.tokens.len() as u64));
+        if tokens > max_tokens {
+            return Err(format!(
+                "digest of more than {max_tokens} tokens (more than the worker can hold)"
+            ));
+        }
         spans.extend(part.spans);
         if !part.more {
             return Ok(spans);
