@@ -7,6 +7,7 @@ use clap::Parser;
 use preble_protocol::Subjects;
 use preble_telemetry::LogFormat;
 
+use crate::admission::AdmissionLimits;
 use crate::prepare::PrepareLimits;
 use crate::serve::ConnectionLimits;
 
@@ -68,6 +69,18 @@ pub struct Args {
     /// `overloaded`.
     #[arg(long, env = "PREBLE_MAX_TOKENIZE_WAITING", default_value_t = 256)]
     pub max_tokenize_waiting: usize,
+    /// Requests in flight (being prepared, queued, running, streaming) beyond which new ones
+    /// are refused at once with 503 `overloaded` and `Retry-After`.
+    #[arg(long, env = "PREBLE_MAX_IN_FLIGHT", default_value_t = 4096)]
+    pub max_in_flight: usize,
+    /// Requests per second each API key may start (all clients together without keys); beyond
+    /// it, 429 `rate_limit_exceeded` with `Retry-After`. 0: unlimited.
+    #[arg(long, env = "PREBLE_RATE_LIMIT", default_value_t = 0.0)]
+    pub rate_limit: f64,
+    /// Requests a key may start at once above its rate (default: one second's worth, at least
+    /// one).
+    #[arg(long, env = "PREBLE_RATE_LIMIT_BURST")]
+    pub rate_limit_burst: Option<f64>,
     /// Longest wait at shutdown for open connections to finish, s.
     #[arg(long, env = "PREBLE_DRAIN_TIMEOUT_S", default_value_t = 30)]
     pub drain_timeout_s: u64,
@@ -101,6 +114,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Limits of request preparation.
     pub prepare_limits: PrepareLimits,
+    /// What the gateway accepts.
+    pub admission_limits: AdmissionLimits,
 }
 
 impl Config {
@@ -117,6 +132,12 @@ impl Config {
         }
         if args.max_connections == 0 || args.max_body_bytes == 0 {
             bail!("--max-connections and --max-body-bytes must be positive");
+        }
+        if !(args.rate_limit >= 0.0 && args.rate_limit.is_finite()) {
+            bail!("--rate-limit must be a non-negative number of requests per second");
+        }
+        if args.max_in_flight == 0 {
+            bail!("--max-in-flight must be positive");
         }
         let tokenizer_threads = match args.tokenizer_threads {
             0 => std::thread::available_parallelism()
@@ -148,6 +169,11 @@ impl Config {
             prepare_limits: PrepareLimits {
                 threads: tokenizer_threads,
                 max_waiting: args.max_tokenize_waiting,
+            },
+            admission_limits: AdmissionLimits {
+                max_in_flight: args.max_in_flight,
+                rate_per_s: args.rate_limit,
+                burst: args.rate_limit_burst.unwrap_or(args.rate_limit).max(1.0),
             },
         })
     }

@@ -1,8 +1,10 @@
 //! API errors: a code, a client-safe message, the offending parameter, and the OpenAI body.
 
+use std::time::Duration;
+
 use axum::{
     Json,
-    http::StatusCode,
+    http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use preble_protocol::ErrorCode;
@@ -18,6 +20,9 @@ pub struct ApiError {
     pub message: String,
     /// The request field at fault, if any.
     pub param: Option<String>,
+    /// How long the client should wait before retrying (`Retry-After`); `overloaded` errors
+    /// default to a second.
+    pub retry_after: Option<Duration>,
 }
 
 impl ApiError {
@@ -27,7 +32,14 @@ impl ApiError {
             code,
             message: message.into(),
             param: None,
+            retry_after: None,
         }
+    }
+
+    /// The same error, telling the client to retry after `wait`.
+    pub fn retry_after(mut self, wait: Duration) -> Self {
+        self.retry_after = Some(wait);
+        self
     }
 
     /// An `invalid_request` error about `param`.
@@ -36,6 +48,7 @@ impl ApiError {
             code: ErrorCode::InvalidRequest,
             message: message.into(),
             param: Some(param.into()),
+            retry_after: None,
         }
     }
 
@@ -56,6 +69,19 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.code.http_status())
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, Json(self.body())).into_response()
+        let retry_after = match (self.retry_after, self.code) {
+            (Some(wait), _) => Some(wait),
+            (None, ErrorCode::Overloaded) => Some(Duration::from_secs(1)),
+            (None, _) => None,
+        };
+        let mut response = (status, Json(self.body())).into_response();
+        if let Some(wait) = retry_after {
+            // Whole seconds, rounded up, at least one.
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+        }
+        response
     }
 }

@@ -22,6 +22,7 @@ use preble_protocol::{ErrorCode, Usage};
 use serde_json::json;
 use tracing::info;
 
+use crate::admission::{Admission, Admitted};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -37,6 +38,8 @@ pub struct AppState {
     pub config: Config,
     /// Prepares requests (both front doors): keys, validation, template, tokenisation.
     pub preparer: Preparer,
+    /// Decides which requests are accepted.
+    pub admission: Admission,
     /// Submits requests.
     pub relay: Relay,
     /// Metrics.
@@ -69,9 +72,11 @@ pub async fn run(
         config.default_max_tokens,
         config.prepare_limits,
     );
+    let admission = Admission::new(config.admission_limits, metrics.clone());
     let state = Arc::new(AppState {
         config,
         preparer,
+        admission,
         relay,
         metrics,
     });
@@ -130,9 +135,19 @@ async fn authenticate(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     match state.preparer.authorize(presented) {
-        Ok(()) => next.run(request).await,
+        Ok(_) => next.run(request).await,
         Err(e) => e.into_response(),
     }
+}
+
+/// Admits a request (the in-flight limit, its key's rate), before its body is even read.
+fn admit(state: &AppState, request: &Request) -> Result<Admitted, ApiError> {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let key = state.preparer.authorize(presented)?;
+    state.admission.admit(key)
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> String {
@@ -160,13 +175,15 @@ async fn list_models(State(state): State<Arc<AppState>>) -> Json<serde_json::Val
 async fn completions(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let headers = request.headers().clone();
     let prepared = async {
+        let admitted = admit(&state, &request)?;
         let body = read_body(&state.config, request).await?;
-        state
+        let prepared = state
             .preparer
             .prepare(move || {
                 openai::parse_request::<CompletionRequest>(&body).map(ClientRequest::Completion)
             })
-            .await
+            .await?;
+        Ok((admitted, prepared))
     }
     .await;
     respond(&state, Endpoint::Completions, prepared, &headers).await
@@ -175,11 +192,13 @@ async fn completions(State(state): State<Arc<AppState>>, request: Request) -> Re
 async fn chat_completions(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let headers = request.headers().clone();
     let prepared = async {
+        let admitted = admit(&state, &request)?;
         let body = read_body(&state.config, request).await?;
-        state
+        let prepared = state
             .preparer
             .prepare(move || openai::parse_request::<ChatRequest>(&body).map(ClientRequest::Chat))
-            .await
+            .await?;
+        Ok((admitted, prepared))
     }
     .await;
     respond(&state, Endpoint::Chat, prepared, &headers).await
@@ -231,7 +250,7 @@ async fn read_body(config: &Config, request: Request) -> Result<Bytes, ApiError>
 async fn respond(
     state: &Arc<AppState>,
     endpoint: Endpoint,
-    prepared: Result<Prepared, ApiError>,
+    prepared: Result<(Admitted, Prepared), ApiError>,
     headers: &HeaderMap,
 ) -> Response {
     let label = match endpoint {
@@ -239,9 +258,9 @@ async fn respond(
         Endpoint::Chat => "chat",
     };
     let response = match prepared {
-        Ok(prepared) => {
+        Ok((admitted, prepared)) => {
             let caller_trace = preble_telemetry::propagation::from_http(headers);
-            serve(state, prepared, caller_trace)
+            serve(state, admitted, prepared, caller_trace)
                 .await
                 .unwrap_or_else(IntoResponse::into_response)
         }
@@ -255,24 +274,9 @@ async fn respond(
     response
 }
 
-/// Decrements the in-flight gauge when a request ends, however it ends.
-struct InFlight(Metrics);
-
-impl InFlight {
-    fn new(metrics: &Metrics) -> Self {
-        metrics.in_flight.inc();
-        Self(metrics.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.dec();
-    }
-}
-
 async fn serve(
     state: &Arc<AppState>,
+    admitted: Admitted,
     prepared: Prepared,
     caller_trace: Option<async_nats::HeaderMap>,
 ) -> Result<Response, ApiError> {
@@ -282,7 +286,6 @@ async fn serve(
         prompt,
         generation,
     } = prepared;
-    let in_flight = InFlight::new(&state.metrics);
     let started = Instant::now();
     let prompt_len = prompt.len() as u32;
     let submitted = state
@@ -320,7 +323,7 @@ async fn serve(
     let observer = Observer {
         metrics: state.metrics.clone(),
         started,
-        _in_flight: in_flight,
+        _admitted: admitted,
     };
     if generation.stream {
         let events = sse_events(text, first, meta, generation.include_usage, observer);
@@ -356,7 +359,8 @@ async fn serve(
 struct Observer {
     metrics: Metrics,
     started: Instant,
-    _in_flight: InFlight,
+    /// The request counts as in flight until its response ends.
+    _admitted: Admitted,
 }
 
 impl Observer {

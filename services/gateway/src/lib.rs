@@ -4,6 +4,7 @@
 //!
 //! Layout:
 //! - [`config`]: flags and the validated configuration.
+//! - [`admission`]: the in-flight limit and per-key rate limits, refused at once.
 //! - [`models`]: served models: tokenizer, chat template, context length.
 //! - [`chat`]: conversations to prompt tokens, user content kept as data.
 //! - [`fields`]: which request fields are honoured; the rest are refused by name.
@@ -17,6 +18,7 @@
 //! - [`serve`]: HTTP/1.1 connections within limits (cap, header and body timeouts).
 //! - [`metrics`]: Prometheus metrics.
 
+pub mod admission;
 pub mod chat;
 pub mod config;
 pub mod error;

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub duplicate_messages: IntCounter,
     /// Requests queued again because their worker was lost before any output.
     pub resubmissions: IntCounter,
+    /// Requests refused at admission, by reason (`overloaded`, `rate_limited`).
+    pub refused: IntCounterVec,
     /// Client connections open.
     pub connections_open: IntGauge,
     /// Connections that never sent a request, closed to make room for new ones.
@@ -110,6 +112,17 @@ impl Metrics {
                 &registry,
                 "preble:requests_resubmitted_total",
                 "Requests queued again because their worker was lost before any output",
+            ),
+            refused: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "preble:requests_refused_total",
+                        "Requests refused at admission (in-flight limit, rate limit)",
+                    ),
+                    &["reason"],
+                )
+                .expect("valid metric"),
             ),
             connections_open: reg(
                 &registry,

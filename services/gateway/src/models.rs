@@ -160,6 +160,7 @@ impl ServedModel {
                     self.context_len
                 ),
                 param: Some(param.to_string()),
+                retry_after: None,
             });
         }
         Ok(())
@@ -192,6 +193,7 @@ impl ServedModel {
                     prompt.len()
                 ),
                 param: Some(param.to_string()),
+                retry_after: None,
             });
         }
         Ok(())
@@ -249,6 +251,7 @@ impl Models {
                 self.by_name.keys().cloned().collect::<Vec<_>>().join(", ")
             ),
             param: Some("model".into()),
+            retry_after: None,
         })
     }
 

@@ -80,7 +80,8 @@ async fn answer(state: &AppState, message: Message, out: &mut Replier) -> Result
         .as_ref()
         .and_then(|h| h.get("Authorization"))
         .map(|v| v.as_str().to_string());
-    state.preparer.authorize(authorization.as_deref())?;
+    let key = state.preparer.authorize(authorization.as_deref())?;
+    let _admitted = state.admission.admit(key)?;
     let metrics = state.metrics.clone();
     let payload = message.payload.clone();
     let prepared = state

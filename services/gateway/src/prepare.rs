@@ -146,16 +146,20 @@ impl Preparer {
         &self.inner.models
     }
 
-    /// Checks a presented `Authorization` header value (`Bearer <key>`).
-    pub fn authorize(&self, authorization: Option<&str>) -> Result<(), ApiError> {
+    /// Checks a presented `Authorization` header value (`Bearer <key>`); returns the key it
+    /// matched (`None` when the gateway has no keys).
+    pub fn authorize<'a>(
+        &self,
+        authorization: Option<&'a str>,
+    ) -> Result<Option<&'a str>, ApiError> {
         if self.inner.api_keys.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let presented = authorization
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim);
         match presented {
-            Some(key) if self.inner.api_keys.iter().any(|k| k == key) => Ok(()),
+            Some(key) if self.inner.api_keys.iter().any(|k| k == key) => Ok(Some(key)),
             _ => Err(ApiError::new(
                 ErrorCode::InvalidApiKey,
                 "missing or unknown API key (send `Authorization: Bearer <key>`)",

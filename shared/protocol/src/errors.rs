@@ -14,8 +14,10 @@ pub enum ErrorCode {
     ModelNotFound,
     /// Prompt plus requested output does not fit the model's context.
     ContextLengthExceeded,
-    /// No worker could take the request in time.
+    /// No worker could take the request in time, or the gateway is at its limit.
     Overloaded,
+    /// The API key's request rate is exceeded.
+    RateLimited,
     /// The worker serving the request died.
     WorkerLost,
     /// The request took longer than allowed.
@@ -36,12 +38,13 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// All codes, for exhaustive tests and documentation.
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::InvalidRequest,
         ErrorCode::InvalidApiKey,
         ErrorCode::ModelNotFound,
         ErrorCode::ContextLengthExceeded,
         ErrorCode::Overloaded,
+        ErrorCode::RateLimited,
         ErrorCode::WorkerLost,
         ErrorCode::Timeout,
         ErrorCode::Cancelled,
@@ -60,6 +63,7 @@ impl ErrorCode {
             ErrorCode::ModelNotFound => "model_not_found",
             ErrorCode::ContextLengthExceeded => "context_length_exceeded",
             ErrorCode::Overloaded => "overloaded",
+            ErrorCode::RateLimited => "rate_limit_exceeded",
             ErrorCode::WorkerLost => "worker_lost",
             ErrorCode::Timeout => "timeout",
             ErrorCode::Cancelled => "cancelled",
@@ -80,6 +84,7 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::RequestTimeout => 408,
             ErrorCode::RequestTooLarge => 413,
+            ErrorCode::RateLimited => 429,
             ErrorCode::Cancelled => 499,
             ErrorCode::Internal => 500,
             ErrorCode::WorkerLost => 502,
@@ -100,6 +105,7 @@ impl ErrorCode {
             | ErrorCode::RequestTimeout => "invalid_request_error",
             ErrorCode::InvalidApiKey => "authentication_error",
             ErrorCode::Overloaded => "overloaded_error",
+            ErrorCode::RateLimited => "rate_limit_error",
             ErrorCode::Timeout => "timeout_error",
             ErrorCode::Cancelled => "cancelled_error",
             ErrorCode::WorkerLost | ErrorCode::Internal => "server_error",
