@@ -473,6 +473,14 @@ impl TestCluster {
 }
 
 impl TestCluster {
+    /// Kills the gateway at once (SIGKILL: no drain, its clients' connections die with it).
+    pub fn kill_gateway(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// Kills the scheduler at once (no drain), like a crash.
     pub fn kill_scheduler(&mut self) {
         if let Some(mut child) = self.scheduler.take() {

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use futures::StreamExt;
@@ -332,4 +332,66 @@ async fn client_disconnect_stops_the_workers_work() {
         generated,
         "no more tokens after the cancel"
     );
+}
+
+#[tokio::test]
+async fn a_dead_gateways_requests_are_stopped_on_their_workers() {
+    let mut c = TestCluster::start(Options {
+        workers: 2,
+        time_scale: 0.5,
+        gateway_env: vec![("PREBLE_PRESENCE_PERIOD_MS".into(), "200".into())],
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    // Long generations, streaming to clients of this gateway.
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        let gateway = c.gateway.clone();
+        let body = json!({"model": c.model, "prompt": format!("orphan {i}"), "max_tokens": 5000,
+            "ignore_eos": true, "stream": true});
+        // Each client reads its stream until the connection dies with the gateway.
+        clients.push(tokio::spawn(async move {
+            let Ok(response) = reqwest::Client::new()
+                .post(format!("{gateway}/v1/completions"))
+                .json(&body)
+                .send()
+                .await
+            else {
+                return;
+            };
+            let mut chunks = response.bytes_stream();
+            while let Some(Ok(_)) = chunks.next().await {}
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.worker_sum("preble:num_requests_running").await < 4.0 {
+        assert!(Instant::now() < deadline, "{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.kill_gateway();
+    let killed = Instant::now();
+    // Within a few seconds (three missed beats and the workers' listening allowance), nothing
+    // computes for the dead gateway's clients.
+    while c.worker_sum("preble:num_requests_running").await > 0.0 {
+        assert!(
+            killed.elapsed() < Duration::from_secs(8),
+            "still computing for a dead gateway\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "orphans stopped {:?} after the gateway died",
+        killed.elapsed()
+    );
+    assert_eq!(
+        c.worker_sum("preble:requests_orphaned_total").await,
+        4.0,
+        "{}",
+        c.logs()
+    );
+    for client in clients {
+        client.abort();
+    }
 }

@@ -81,6 +81,10 @@ pub struct Args {
     /// one).
     #[arg(long, env = "PREBLE_RATE_LIMIT_BURST")]
     pub rate_limit_burst: Option<f64>,
+    /// Period of this gateway's presence beats, ms; workers stop its requests when it has
+    /// missed three.
+    #[arg(long, env = "PREBLE_PRESENCE_PERIOD_MS", default_value_t = 1000)]
+    pub presence_period_ms: u64,
     /// Longest wait at shutdown for open connections to finish, s.
     #[arg(long, env = "PREBLE_DRAIN_TIMEOUT_S", default_value_t = 30)]
     pub drain_timeout_s: u64,
@@ -116,6 +120,8 @@ pub struct Config {
     pub prepare_limits: PrepareLimits,
     /// What the gateway accepts.
     pub admission_limits: AdmissionLimits,
+    /// Period of the presence beats.
+    pub presence_period: Duration,
 }
 
 impl Config {
@@ -136,8 +142,8 @@ impl Config {
         if !(args.rate_limit >= 0.0 && args.rate_limit.is_finite()) {
             bail!("--rate-limit must be a non-negative number of requests per second");
         }
-        if args.max_in_flight == 0 {
-            bail!("--max-in-flight must be positive");
+        if args.max_in_flight == 0 || args.presence_period_ms == 0 {
+            bail!("--max-in-flight and --presence-period-ms must be positive");
         }
         let tokenizer_threads = match args.tokenizer_threads {
             0 => std::thread::available_parallelism()
@@ -175,6 +181,7 @@ impl Config {
                 rate_per_s: args.rate_limit,
                 burst: args.rate_limit_burst.unwrap_or(args.rate_limit).max(1.0),
             },
+            presence_period: Duration::from_millis(args.presence_period_ms),
         })
     }
 }

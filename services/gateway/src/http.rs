@@ -59,12 +59,22 @@ pub async fn run(
     )
     .await?;
     let metrics = Metrics::new();
+    let gateway_id = crate::presence::new_gateway_id();
     let relay = Relay::new(
         client.clone(),
         config.subjects.clone(),
         config.stream_idle_timeout,
         metrics.clone(),
+        gateway_id.clone(),
     );
+    let stop_beats = tokio_util::sync::CancellationToken::new();
+    let beats = tokio::spawn(crate::presence::beat(
+        client.clone(),
+        config.subjects.clone(),
+        gateway_id.clone(),
+        config.presence_period,
+        stop_beats.clone(),
+    ));
     let listener = preble_telemetry::bind(config.http_addr).await?;
     let preparer = Preparer::new(
         models,
@@ -85,6 +95,7 @@ pub async fn run(
         addr = %listener.local_addr()?,
         models = ?state.preparer.models().iter().map(|m| m.name.clone()).collect::<Vec<_>>(),
         max_connections = state.config.connection_limits.max_connections,
+        %gateway_id,
         "gateway ready"
     );
     crate::serve::serve(
@@ -96,6 +107,8 @@ pub async fn run(
     )
     .await;
     nats_api.abort();
+    stop_beats.cancel();
+    let _ = beats.await;
     client.flush().await.ok();
     Ok(())
 }

@@ -11,6 +11,7 @@
 //! - [`prepare`]: one request preparation (key, checks, defaults, tokenisation) for both doors.
 //! - [`error`]: API errors and their OpenAI-shaped bodies.
 //! - [`openai`]: the OpenAI request and response types.
+//! - [`presence`]: the instance's beats, so workers stop the requests of a gateway that died.
 //! - [`relay`]: submits a request over NATS and yields its ordered token stream; cancels the
 //!   request everywhere when the consumer goes away.
 //! - [`text`]: incremental detokenisation and stop strings on top of a relay.
@@ -29,6 +30,7 @@ pub mod models;
 pub mod nats_api;
 pub mod openai;
 pub mod prepare;
+pub mod presence;
 pub mod relay;
 pub mod serve;
 pub mod text;

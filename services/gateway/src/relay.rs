@@ -49,15 +49,17 @@ pub struct Relay {
     subjects: Subjects,
     idle_timeout: Duration,
     metrics: Metrics,
+    gateway_id: String,
 }
 
 impl Relay {
-    /// A relay over `client`.
+    /// A relay over `client` for gateway instance `gateway_id` (named in every request).
     pub fn new(
         client: Client,
         subjects: Subjects,
         idle_timeout: Duration,
         metrics: Metrics,
+        gateway_id: String,
     ) -> Self {
         Self {
             jetstream: jetstream::new(client.clone()),
@@ -65,6 +67,7 @@ impl Relay {
             subjects,
             idle_timeout,
             metrics,
+            gateway_id,
         }
     }
 
@@ -106,6 +109,7 @@ impl Relay {
         );
         request.submitted_at_ms = preble_telemetry::unix_ms();
         request.user = user;
+        request.gateway_id = Some(self.gateway_id.clone());
         let subscription = self.publish(&request, &span).await?;
         Ok(Generation {
             guard: CancelGuard {

@@ -3,7 +3,7 @@
 //!
 //! It is the only owner of the KV cache, so other tasks talk to it through [`Command`]s.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use async_nats::{Client, Subject};
@@ -46,6 +46,8 @@ pub struct Active {
     pub started_at: Option<Instant>,
     /// When its first token was published.
     pub first_token_at: Option<Instant>,
+    /// The gateway instance holding its client, if the request names one.
+    pub gateway_id: Option<String>,
 }
 
 /// Commands to the engine loop.
@@ -64,6 +66,14 @@ pub enum Command {
     Digest(Subject),
     /// Finish what is running, then stop; cancel what is left at the deadline.
     Drain(Instant),
+    /// These gateways are alive: stop every request accepted before `accepted_before` whose
+    /// gateway is not among them (nobody is left to read its answer).
+    LiveGateways {
+        /// The gateways heard from recently.
+        live: HashSet<String>,
+        /// Requests accepted since could belong to a gateway not heard from yet.
+        accepted_before: Instant,
+    },
 }
 
 /// What the events task publishes, in order.
@@ -97,6 +107,8 @@ pub struct EngineLoop {
     engine: Box<dyn Engine>,
     sched: LocalScheduler<Active>,
     ids: HashMap<String, SeqId>,
+    /// Each running request's gateway and acceptance time.
+    gateways: HashMap<String, (String, Instant)>,
     metrics: Metrics,
     events: mpsc::UnboundedSender<Outgoing>,
     load: watch::Sender<LoadReport>,
@@ -120,6 +132,7 @@ impl EngineLoop {
             engine,
             sched: LocalScheduler::new(config),
             ids: HashMap::new(),
+            gateways: HashMap::new(),
             metrics,
             events,
             load,
@@ -195,14 +208,23 @@ impl EngineLoop {
                     return;
                 }
                 let request_id = active.request_id.clone();
+                let gateway = active.gateway_id.clone().map(|g| (g, active.accepted_at));
                 match self.sched.enqueue(*active, prompt, max_tokens) {
                     Ok(id) => {
+                        if let Some(gateway) = gateway {
+                            self.gateways.insert(request_id.clone(), gateway);
+                        }
                         self.ids.insert(request_id, id);
                     }
                     Err(e) => warn!(error = %e, "checked request refused"),
                 }
             }
+            Command::LiveGateways {
+                live,
+                accepted_before,
+            } => self.stop_orphans(&live, accepted_before).await,
             Command::Cancel(request_id) => {
+                self.gateways.remove(&request_id);
                 let Some(id) = self.ids.remove(&request_id) else {
                     return;
                 };
@@ -362,7 +384,41 @@ impl EngineLoop {
             completion_tokens: seq.generated().len() as u32,
         };
         self.ids.remove(&seq.payload.request_id);
+        self.gateways.remove(&seq.payload.request_id);
         self.finish_stream(seq.payload, usage, ending).await;
+    }
+
+    /// Stops the requests whose gateway is gone.
+    async fn stop_orphans(&mut self, live: &HashSet<String>, accepted_before: Instant) {
+        let orphans: Vec<String> = self
+            .gateways
+            .iter()
+            .filter(|(_, (gateway, at))| *at < accepted_before && !live.contains(gateway))
+            .map(|(request, _)| request.clone())
+            .collect();
+        let mut stopped = 0;
+        for request_id in orphans {
+            self.gateways.remove(&request_id);
+            let Some(id) = self.ids.remove(&request_id) else {
+                continue;
+            };
+            if let Some(seq) = self.sched.remove(id) {
+                warn!(request = %request_id, "its gateway is gone: stopped");
+                self.metrics.requests_orphaned.inc();
+                stopped += 1;
+                self.end(
+                    seq,
+                    Ending::Failed(
+                        ErrorCode::Cancelled,
+                        "the gateway holding the client is gone".into(),
+                    ),
+                )
+                .await;
+            }
+        }
+        if stopped > 0 {
+            self.publish_cache_events();
+        }
     }
 
     /// Ends a request that never reached the scheduler's queue.

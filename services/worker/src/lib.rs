@@ -8,6 +8,7 @@
 //! - [`engine_loop`]: the loop that owns the local scheduler (`preble-localsched`) and the
 //!   engine, streams tokens and reports cache changes and load.
 //! - [`service`]: the NATS side: dispatch, cancellation, token streams, events.
+//! - [`presence`]: which gateways are alive, so requests whose gateway died are stopped.
 //! - [`metrics`]: Prometheus metrics (served on `/metrics` with `/health`).
 
 pub mod config;
@@ -15,6 +16,7 @@ pub mod engine;
 pub mod engine_loop;
 pub mod metrics;
 pub mod model;
+pub mod presence;
 pub mod service;
 
 pub use config::{Args, Config};

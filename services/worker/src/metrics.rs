@@ -39,6 +39,8 @@ pub struct Metrics {
     pub kv_events: IntCounterVec,
     /// Malformed messages received.
     pub malformed_messages: IntCounter,
+    /// Requests stopped because the gateway holding their client stopped beating.
+    pub requests_orphaned: IntCounter,
     /// Worker-side time to first token.
     pub time_to_first_token: Histogram,
     /// Time per output token after the first, per request.
@@ -148,6 +150,10 @@ impl Metrics {
                 "Requests waiting for admission",
             ),
             kv_used_tokens: gauge("preble:kv_cache_used_tokens", "KV-cache slots in use"),
+            requests_orphaned: counter(
+                "preble:requests_orphaned_total",
+                "Requests stopped because the gateway holding their client stopped beating",
+            ),
             malformed_messages: counter(
                 "preble:malformed_messages_total",
                 "Malformed messages received",

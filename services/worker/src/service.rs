@@ -92,6 +92,9 @@ pub async fn run(
     let digest_sub = client
         .subscribe(config.subjects.digest(&config.worker_id))
         .await?;
+    let gateway_beats = client
+        .subscribe(config.subjects.all_gateway_beats())
+        .await?;
     client.flush().await?;
     let dispatch_task = tokio::spawn(serve_dispatch(
         client.clone(),
@@ -111,6 +114,13 @@ pub async fn run(
         digest_sub,
         commands_tx.clone(),
         metrics.clone(),
+    ));
+    let presence_task = tokio::spawn(crate::presence::watch_gateways(
+        client.clone(),
+        gateway_beats,
+        commands_tx.clone(),
+        metrics.clone(),
+        stop.clone(),
     ));
     let heartbeat_task = tokio::spawn(heartbeat(
         config.clone(),
@@ -135,6 +145,7 @@ pub async fn run(
     let _ = engine_done.await;
     cancel_task.abort();
     digest_task.abort();
+    presence_task.abort();
     let _ = heartbeat_task.await;
     drop(events_tx);
     drop(commands_tx);
@@ -283,6 +294,7 @@ async fn serve_dispatch(
                         accepted_at: Instant::now(),
                         started_at: None,
                         first_token_at: None,
+                        gateway_id: request.gateway_id,
                     };
                     let admit = Command::Admit {
                         active: Box::new(active),

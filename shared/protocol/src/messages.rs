@@ -37,6 +37,7 @@ message!(
     DigestRequest,
     ApiRequest,
     ApiEvent,
+    GatewayBeat,
 );
 
 /// How to sample the continuation of one request.
@@ -106,6 +107,23 @@ pub struct GenerateRequest {
     /// The end user, as given by the client (for logs and fairness later).
     #[serde(default)]
     pub user: Option<String>,
+    /// The gateway instance holding the client ([`GatewayBeat`]): when it stops beating, the
+    /// request has nobody to answer and its worker stops it.
+    #[serde(default)]
+    pub gateway_id: Option<String>,
+}
+
+/// A gateway instance's proof of life, on [`crate::Subjects::gateway_beat`]: workers stop the
+/// requests of a gateway that has stopped beating (it died with its clients' connections).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GatewayBeat {
+    /// Protocol version.
+    #[serde(default = "version")]
+    pub v: u16,
+    /// The gateway instance.
+    pub gateway_id: String,
+    /// Beat period in milliseconds (gone after three missed).
+    pub period_ms: u64,
 }
 
 impl GenerateRequest {
@@ -126,6 +144,7 @@ impl GenerateRequest {
             stream_key,
             submitted_at_ms: 0,
             user: None,
+            gateway_id: None,
         }
     }
 }

@@ -2,12 +2,13 @@
 //! these (a generated configuration gives every service its own user with exactly these
 //! permissions), so a worker can speak only as itself and nobody reads what is not theirs.
 //!
-//! - gateway: publishes requests (to the requests stream), cancels and NATS API answers (to API
-//!   clients' inboxes); reads every token stream and the NATS API subject.
+//! - gateway: publishes requests (to the requests stream), cancels, its beats and NATS API
+//!   answers (to API clients' inboxes); reads every token stream and the NATS API subject.
 //! - scheduler: consumes the requests stream, dispatches to workers (and cancels dispatches
 //!   that timed out), asks for digests, reads every worker's events, and publishes error ends
 //!   of streams under [`SCHEDULER_ORIGIN`].
-//! - worker `<id>`: reads only its dispatch and digest subjects and cancels; publishes only its
+//! - worker `<id>`: reads only its dispatch and digest subjects, cancels and gateway beats (to
+//!   stop the requests of a gateway that died); publishes only its
 //!   own events and the streams of requests dispatched to it (under its own id), and answers
 //!   the requests it receives.
 //! - client: publishes NATS API requests and reads its inbox.
@@ -68,6 +69,7 @@ impl Role {
                 publish: vec![
                     s.requests(),
                     s.cancel(),
+                    s.all_gateway_beats(),
                     // NATS API answers go to the clients' inboxes.
                     format!("{CLIENT_INBOX_PREFIX}.>"),
                 ],
@@ -100,7 +102,13 @@ impl Role {
             }
             Role::Worker(id) => Permissions {
                 publish: vec![s.events(id), s.streams_from(id)],
-                subscribe: vec![s.worker(id), s.digest(id), s.cancel(), own_inbox],
+                subscribe: vec![
+                    s.worker(id),
+                    s.digest(id),
+                    s.cancel(),
+                    s.all_gateway_beats(),
+                    own_inbox,
+                ],
                 answers_requests: true,
             },
             Role::Client => Permissions {

@@ -145,6 +145,16 @@ impl Subjects {
         format!("{}.digest.{}", self.prefix, sanitize(worker_id))
     }
 
+    /// Where gateway instance `gateway_id` publishes its [`crate::GatewayBeat`].
+    pub fn gateway_beat(&self, gateway_id: &str) -> String {
+        format!("{}.gateways.{}", self.prefix, sanitize(gateway_id))
+    }
+
+    /// Every gateway's beats.
+    pub fn all_gateway_beats(&self) -> String {
+        format!("{}.gateways.*", self.prefix)
+    }
+
     /// The NATS client API: publish an [`crate::ApiRequest`] here with a reply inbox and
     /// receive [`crate::ApiEvent`]s on that inbox.
     pub fn api_generate(&self) -> String {
