@@ -192,7 +192,7 @@ async fn completions(State(state): State<Arc<AppState>>, request: Request) -> Re
         let body = read_body(&state.config, request).await?;
         let prepared = state
             .preparer
-            .prepare(move || {
+            .prepare(body.len(), move || {
                 openai::parse_request::<CompletionRequest>(&body).map(ClientRequest::Completion)
             })
             .await?;
@@ -209,7 +209,9 @@ async fn chat_completions(State(state): State<Arc<AppState>>, request: Request) 
         let body = read_body(&state.config, request).await?;
         let prepared = state
             .preparer
-            .prepare(move || openai::parse_request::<ChatRequest>(&body).map(ClientRequest::Chat))
+            .prepare(body.len(), move || {
+                openai::parse_request::<ChatRequest>(&body).map(ClientRequest::Chat)
+            })
             .await?;
         Ok((admitted, prepared))
     }

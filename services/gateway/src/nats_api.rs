@@ -86,14 +86,16 @@ async fn answer(state: &AppState, message: Message, out: &mut Replier) -> Result
     let payload = message.payload.clone();
     let prepared = state
         .preparer
-        .prepare(move || match decode::<ApiRequest>(&payload) {
-            Ok(request) => ClientRequest::from_api(request),
-            Err(e) => {
-                metrics.malformed_messages.inc();
-                Err(ApiError::invalid(
-                    "body",
-                    format!("malformed API request: {e}"),
-                ))
+        .prepare(payload.len(), move || {
+            match decode::<ApiRequest>(&payload) {
+                Ok(request) => ClientRequest::from_api(request),
+                Err(e) => {
+                    metrics.malformed_messages.inc();
+                    Err(ApiError::invalid(
+                        "body",
+                        format!("malformed API request: {e}"),
+                    ))
+                }
             }
         })
         .await?;

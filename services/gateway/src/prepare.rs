@@ -1,7 +1,8 @@
 //! One request preparation for both front doors (HTTP and the NATS API): API key, model,
 //! conversation and parameter checks, defaults (the context clamp of `max_tokens`), the chat
-//! template and tokenisation. Template rendering and tokenisation run on blocking threads, at
-//! most a configured number at once, so a burst of huge prompts never stalls the async runtime.
+//! template and tokenisation. Large requests are parsed, rendered and tokenised on blocking
+//! threads, at most a configured number at once, so a burst of huge prompts never stalls the
+//! async runtime.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -111,6 +112,10 @@ struct Inner {
     waiting: AtomicUsize,
 }
 
+/// Bodies up to this size are prepared inline: handing them to a thread would cost more than
+/// it saves, and serialise a saturated gateway behind the handoffs.
+pub const INLINE_BODY_BYTES: usize = 16 * 1024;
+
 /// Limits of the preparation stage.
 #[derive(Clone, Copy, Debug)]
 pub struct PrepareLimits {
@@ -167,13 +172,18 @@ impl Preparer {
         }
     }
 
-    /// Parses a request (`parse` turns the front door's bytes into a [`ClientRequest`]),
-    /// validates it, applies the defaults and tokenises its prompt, all on a blocking thread
-    /// under the concurrency bound.
+    /// Parses a request (`parse` turns the front door's `body_bytes` bytes into a
+    /// [`ClientRequest`]), validates it, applies the defaults and tokenises its prompt. A small
+    /// request is prepared at once, where it is (that takes well under a millisecond); a large
+    /// one on a blocking thread under the concurrency bound, so it never stalls the runtime.
     pub async fn prepare(
         &self,
+        body_bytes: usize,
         parse: impl FnOnce() -> Result<ClientRequest, ApiError> + Send + 'static,
     ) -> Result<Prepared, ApiError> {
+        if body_bytes <= INLINE_BODY_BYTES {
+            return self.inner.prepare(parse()?);
+        }
         let permit =
             {
                 let _waiting = Waiting::enter(&self.inner)?;
