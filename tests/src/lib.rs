@@ -56,6 +56,58 @@ pub fn torch_venv() -> PathBuf {
         })
 }
 
+/// Makes, with openssl in `dir`, a CA (`ca.pem`) and a server certificate for 127.0.0.1 that it
+/// signed (`server.pem`, key `server.key`), for tests of TLS connections.
+pub fn make_test_certificates(dir: &std::path::Path) -> Result<()> {
+    let run = |args: &[&str]| -> Result<()> {
+        let out = Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .context("running openssl (scripts/ensure-test-tools.sh installs it)")?;
+        if !out.status.success() {
+            bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    let key = ["-newkey", "rsa:2048", "-nodes", "-days", "2"];
+    run(&[
+        &["req", "-x509"][..],
+        &key,
+        &["-keyout", "ca.key", "-out", "ca.pem"],
+        &["-subj", "/CN=preble-test-ca"],
+    ]
+    .concat())?;
+    run(&[
+        &["req"][..],
+        &key[..3],
+        &["-keyout", "server.key", "-out", "server.csr"],
+        &["-subj", "/CN=127.0.0.1"],
+    ]
+    .concat())?;
+    std::fs::write(
+        dir.join("ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )?;
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext",
+    ])
+}
+
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -87,6 +139,9 @@ pub struct Options {
     /// users and permissions (`preble-nats-auth`), every service with its own identity;
     /// otherwise on the shared server at [`NATS_URL`], without authentication.
     pub auth: bool,
+    /// With `auth`: the server also requires TLS (certificates from
+    /// [`make_test_certificates`]), and every service connects with `tls://` and the CA.
+    pub nats_tls: bool,
 }
 
 impl Default for Options {
@@ -101,6 +156,7 @@ impl Default for Options {
             model_dir: None,
             env: Vec::new(),
             auth: false,
+            nats_tls: false,
         }
     }
 }
@@ -152,6 +208,8 @@ pub struct TestCluster {
 pub struct NatsServer {
     /// Its URL.
     pub url: String,
+    /// With TLS: the CA that signed the server's certificate.
+    pub tls_ca: Option<PathBuf>,
     /// Where `nats.conf` and the credential files are.
     pub auth_dir: PathBuf,
     child: Child,
@@ -160,10 +218,27 @@ pub struct NatsServer {
 impl NatsServer {
     /// Generates the users of a deployment (`prefix`, `workers`) under `dir` and starts a
     /// server with them on a free port (JetStream stored under `dir` too).
-    pub async fn start(dir: &std::path::Path, prefix: &str, workers: &[String]) -> Result<Self> {
+    /// With `tls`, the server requires TLS.
+    pub async fn start(
+        dir: &std::path::Path,
+        prefix: &str,
+        workers: &[String],
+        tls: bool,
+    ) -> Result<Self> {
         let port = free_port();
         let auth_dir = dir.join("nats");
-        let generated = Command::new(binary("preble-nats-auth"))
+        let mut generate = Command::new(binary("preble-nats-auth"));
+        if tls {
+            let certs = dir.join("certs");
+            std::fs::create_dir_all(&certs)?;
+            make_test_certificates(&certs)?;
+            generate
+                .arg("--tls-cert")
+                .arg(certs.join("server.pem"))
+                .arg("--tls-key")
+                .arg(certs.join("server.key"));
+        }
+        let generated = generate
             .args(["--out"])
             .arg(&auth_dir)
             .args(["--subject-prefix", prefix, "--bcrypt-cost", "4"])
@@ -198,24 +273,30 @@ impl NatsServer {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let scheme = if tls { "tls" } else { "nats" };
         Ok(Self {
-            url: format!("nats://127.0.0.1:{port}"),
+            url: format!("{scheme}://127.0.0.1:{port}"),
+            tls_ca: tls.then(|| dir.join("certs").join("ca.pem")),
             auth_dir,
             child,
         })
     }
 
     /// The environment of one identity's credentials file (`gateway.env`, `scheduler.env`,
-    /// `client.env`, `worker-<id>.env`).
+    /// `client.env`, `worker-<id>.env`), plus the CA to trust with TLS.
     pub fn env_of(&self, file: &str) -> Result<Vec<(String, String)>> {
         let path = self.auth_dir.join(file);
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
-        Ok(text
+        let mut env: Vec<(String, String)> = text
             .lines()
             .filter_map(|l| l.split_once('='))
             .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect())
+            .collect();
+        if let Some(ca) = &self.tls_ca {
+            env.push(("PREBLE_NATS_TLS_CA".into(), ca.display().to_string()));
+        }
+        Ok(env)
     }
 
     /// The user and password of one identity.
@@ -230,15 +311,16 @@ impl NatsServer {
         Ok((get("PREBLE_NATS_USER")?, get("PREBLE_NATS_PASSWORD")?))
     }
 
-    /// Connects as the identity of credentials file `file`, replies under its inbox prefix.
+    /// Connects as the identity of credentials file `file`, replies under its inbox prefix
+    /// (over TLS, trusting the test CA, when the server requires it).
     pub async fn connect_as(&self, file: &str, inbox_prefix: &str) -> Result<async_nats::Client> {
         let (user, password) = self.user_of(file)?;
-        Ok(
-            async_nats::ConnectOptions::with_user_and_password(user, password)
-                .custom_inbox_prefix(inbox_prefix)
-                .connect(self.url.as_str())
-                .await?,
-        )
+        let mut options = async_nats::ConnectOptions::with_user_and_password(user, password)
+            .custom_inbox_prefix(inbox_prefix);
+        if let Some(ca) = &self.tls_ca {
+            options = options.require_tls(true).add_root_certificates(ca.clone());
+        }
+        Ok(options.connect(self.url.as_str()).await?)
     }
 }
 
@@ -270,7 +352,7 @@ impl TestCluster {
         let prefix = format!("t{}.preble.v2", uuid::Uuid::new_v4().simple());
         let worker_ids: Vec<String> = (0..options.workers).map(|i| format!("gpu-{i}")).collect();
         let nats = if options.auth {
-            Some(NatsServer::start(dir.path(), &prefix, &worker_ids).await?)
+            Some(NatsServer::start(dir.path(), &prefix, &worker_ids, options.nats_tls).await?)
         } else {
             None
         };

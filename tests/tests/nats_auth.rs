@@ -198,3 +198,58 @@ async fn a_worker_identity_can_act_only_as_itself() {
         "the attacker read a stream: {leaked:?}"
     );
 }
+
+#[tokio::test]
+async fn the_stack_runs_on_a_nats_that_requires_tls() {
+    let c = TestCluster::start(Options {
+        workers: 1,
+        auth: true,
+        nats_tls: true,
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let nats = c.nats.as_ref().unwrap();
+    assert!(nats.url.starts_with("tls://"), "{}", nats.url);
+    let (status, body) = post(
+        &c.gateway,
+        "/v1/completions",
+        &json!({"model": c.model, "prompt": "over TLS", "max_tokens": 3}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}\n{}", c.logs());
+    // The right password without trusting the server's CA gets nowhere.
+    let (user, password) = nats.user_of("client.env").unwrap();
+    let untrusting = async_nats::ConnectOptions::with_user_and_password(user, password)
+        .connect(nats.url.as_str())
+        .await;
+    assert!(
+        untrusting.is_err(),
+        "connected without verifying the server"
+    );
+    // The API client identity, over TLS, is answered.
+    let client = nats.connect_as("client.env", "_INBOX").await.unwrap();
+    let subjects = Subjects::new(&c.prefix);
+    let inbox = client.new_inbox();
+    let mut events = client.subscribe(inbox.clone()).await.unwrap();
+    let mut request = preble_protocol::ApiRequest::completion(&c.model, "hello");
+    request.max_tokens = Some(2);
+    client
+        .publish_with_reply(subjects.api_generate(), inbox, encode(&request).into())
+        .await
+        .unwrap();
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("an answer")
+            .unwrap();
+        let event: preble_protocol::ApiEvent = preble_protocol::decode(&message.payload).unwrap();
+        match event.body {
+            preble_protocol::ApiEventBody::Done { .. } => break,
+            preble_protocol::ApiEventBody::Error { code, message } => {
+                panic!("{code}: {message}")
+            }
+            preble_protocol::ApiEventBody::Delta { .. } => {}
+        }
+    }
+}

@@ -161,8 +161,8 @@ async fn routing_survives_redis_restarts_and_persistence_catches_up() {
     assert_eq!(status, 200, "{out}");
 }
 
-/// A `redis-server` that wants a password, optionally over TLS only (certificates made with
-/// openssl in `dir`: a CA, and a server certificate for 127.0.0.1 that it signed).
+/// A `redis-server` that wants a password, optionally over TLS only (certificates from
+/// [`preble_tests::make_test_certificates`] in `dir`).
 fn start_secured_redis(port: u16, password: &str, tls_dir: Option<&std::path::Path>) -> Child {
     let mut command = Command::new("redis-server");
     command.args([
@@ -178,63 +178,7 @@ fn start_secured_redis(port: u16, password: &str, tls_dir: Option<&std::path::Pa
             command.args(["--port", &port.to_string()]);
         }
         Some(dir) => {
-            let run = |args: &[&str]| {
-                let out = Command::new("openssl")
-                    .current_dir(dir)
-                    .args(args)
-                    .output()
-                    .expect("openssl runs (scripts/ensure-test-tools.sh installs it)");
-                assert!(out.status.success(), "openssl {args:?}: {out:?}");
-            };
-            run(&[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=preble-test-ca",
-            ]);
-            run(&[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.csr",
-                "-subj",
-                "/CN=127.0.0.1",
-            ]);
-            std::fs::write(
-                dir.join("ext"),
-                "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-            )
-            .unwrap();
-            run(&[
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                "server.pem",
-                "-days",
-                "2",
-                "-extfile",
-                "ext",
-            ]);
+            preble_tests::make_test_certificates(dir).unwrap();
             command.current_dir(dir).args([
                 "--port",
                 "0",

@@ -31,6 +31,8 @@ pub struct Deployment {
     pub store_dir: PathBuf,
     /// bcrypt cost of the password hashes (4..=31).
     pub bcrypt_cost: u32,
+    /// The server's TLS certificate and key (PEM): with them, clients must use TLS.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// One role's credentials.
@@ -167,6 +169,14 @@ impl Generated {
             "jetstream {{ store_dir: {} }}",
             quoted(&d.store_dir.to_string_lossy())
         );
+        if let Some((cert, key)) = &d.tls {
+            let _ = writeln!(
+                out,
+                "tls {{ cert_file: {}, key_file: {}, timeout: 2 }}",
+                quoted(&cert.to_string_lossy()),
+                quoted(&key.to_string_lossy())
+            );
+        }
         let _ = writeln!(out, "authorization {{\n  users = [");
         for c in &self.credentials {
             let p = c.role.permissions(&d.subjects);
@@ -221,6 +231,7 @@ mod tests {
             listen: "127.0.0.1:4223".into(),
             store_dir: "/tmp/x".into(),
             bcrypt_cost: 4,
+            tls: None,
         }
     }
 

@@ -33,6 +33,12 @@ struct Args {
     /// bcrypt cost of the password hashes.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(4..=31))]
     bcrypt_cost: u32,
+    /// The server's TLS certificate (PEM), with `--tls-key`: clients must then use TLS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The key of the server's TLS certificate (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -47,6 +53,7 @@ fn main() -> Result<()> {
         listen: args.listen,
         store_dir,
         bcrypt_cost: args.bcrypt_cost,
+        tls: args.tls_cert.zip(args.tls_key),
     }
     .generate()?;
     generated.write(&args.out)?;
