@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::post;
 use preble_tests::{Options, TestCluster, scrape};
 use serde_json::json;
@@ -215,4 +217,54 @@ async fn e2_pins_a_requests_prefix_while_it_runs_and_releases_it_when_done() {
     assert_eq!(status, 200, "{out}");
     let after = running_requests_reach(&cluster, 0.0).await;
     assert_eq!(after, 0.0, "after it finished\n{}", cluster.logs());
+}
+
+#[tokio::test]
+async fn a_restarted_scheduler_spreads_its_backlog_over_every_worker_it_knew() {
+    let mut cluster = TestCluster::start(Options {
+        workers: 3,
+        time_scale: 0.5,
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    // Every worker caches something, so the persisted tree names all three.
+    let accepted = "preble:requests_accepted_total";
+    for k in 0..6 {
+        let (status, out) = post(
+            &cluster.gateway,
+            "/v1/completions",
+            &request(&cluster.model, k, k, 2),
+        )
+        .await;
+        assert_eq!(status, 200, "{out}");
+    }
+    let warm = snapshot(&cluster, accepted).await;
+    assert!(warm.iter().all(|&n| n >= 1.0), "{warm:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // With the scheduler down, a backlog of distinct requests queues up in JetStream.
+    cluster.kill_scheduler();
+    let backlog: Vec<_> = (0..30)
+        .map(|i| {
+            let body = request(&cluster.model, 100 + i, 1000 + i, 8);
+            let gateway = cluster.gateway.clone();
+            tokio::spawn(async move { post(&gateway, "/v1/completions", &body).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.start_scheduler().unwrap();
+    for handle in backlog {
+        let (status, out) = handle.await.unwrap();
+        assert_eq!(status, 200, "{out}\n{}", cluster.logs());
+    }
+    // The backlog went to every worker the new scheduler knew, not the first that spoke.
+    let after = snapshot(&cluster, accepted).await;
+    let share: Vec<f64> = after.iter().zip(&warm).map(|(a, b)| a - b).collect();
+    assert_eq!(share.iter().sum::<f64>(), 30.0, "{share:?}");
+    assert!(
+        share.iter().all(|&n| n >= 5.0),
+        "the backlog herded: {share:?}\n{}",
+        cluster.logs()
+    );
 }

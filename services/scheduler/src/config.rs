@@ -78,6 +78,11 @@ pub struct Args {
     /// How long a request waits for a live worker before failing with `overloaded`, ms.
     #[arg(long, env = "PREBLE_NO_WORKER_WAIT_MS", default_value_t = 2000)]
     pub no_worker_wait_ms: u64,
+    /// After a restart, how long the scheduler waits for the workers its restored tree names to
+    /// report before it routes, ms: a backlog then goes to all of them, not to the first that
+    /// speaks.
+    #[arg(long, env = "PREBLE_STARTUP_WAIT_MS", default_value_t = 3000)]
+    pub startup_wait_ms: u64,
     /// Heartbeats a worker may miss before it is declared dead.
     #[arg(long, env = "PREBLE_HEARTBEAT_MISSES", default_value_t = 3)]
     pub heartbeat_misses: u32,
@@ -125,6 +130,8 @@ pub struct Config {
     pub max_attempts: u32,
     /// Wait for a live worker.
     pub no_worker_wait: Duration,
+    /// Longest wait after a restart for the known workers to report.
+    pub startup_wait: Duration,
     /// Missed heartbeats before death.
     pub heartbeat_misses: u32,
     /// JetStream ack wait.
@@ -195,6 +202,7 @@ impl Config {
             dispatch_timeout: Duration::from_millis(args.dispatch_timeout_ms),
             max_attempts: args.max_attempts,
             no_worker_wait: Duration::from_millis(args.no_worker_wait_ms),
+            startup_wait: Duration::from_millis(args.startup_wait_ms),
             heartbeat_misses: args.heartbeat_misses,
             ack_wait: Duration::from_secs(args.ack_wait_s.max(1)),
             max_in_flight: args.max_in_flight,

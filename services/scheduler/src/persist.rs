@@ -15,6 +15,7 @@
 //! Redis being down never stops routing: ops are dropped and counted, the `degraded` gauge is
 //! set, and as soon as Redis answers again a fresh snapshot is written (catch-up).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -124,6 +125,28 @@ pub struct StoredSnapshot {
     pub v: u16,
     /// The held spans, parents first.
     pub spans: Vec<StoredSpan>,
+}
+
+/// The workers a restored picture names as holding something (a scheduler that comes back
+/// waits for them before it routes).
+pub fn known_workers(snapshot: &StoredSnapshot, ops: &[StoredOp]) -> HashSet<String> {
+    let mut known: HashSet<String> = snapshot
+        .spans
+        .iter()
+        .flat_map(|s| s.holders.iter().cloned())
+        .collect();
+    for op in ops {
+        match op {
+            StoredOp::Gone { worker } => {
+                known.remove(worker);
+            }
+            StoredOp::Inserted { worker, .. } => {
+                known.insert(worker.clone());
+            }
+            _ => {}
+        }
+    }
+    known
 }
 
 /// A span of a stored snapshot.

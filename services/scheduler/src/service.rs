@@ -87,6 +87,7 @@ pub async fn run(
     ));
 
     let mut policy = config.policy.build(&config.policy_settings);
+    let mut known_workers = HashSet::new();
     let persistence = match &config.redis_url {
         Some(url) => {
             let keys = Keys::new(config.subjects.prefix());
@@ -94,6 +95,7 @@ pub async fn run(
             match persist::load(url, &keys).await {
                 Ok((snapshot, ops)) => {
                     let tokens = restore(policy.as_mut(), &snapshot, &ops);
+                    known_workers = persist::known_workers(&snapshot, &ops);
                     shadow = Shadow::restored(&snapshot, &ops);
                     metrics.tree_tokens_restored.set(tokens as i64);
                     info!(
@@ -119,7 +121,9 @@ pub async fn run(
     };
     let (results_tx, mut results) = mpsc::unbounded_channel();
     let (digests_tx, mut digests) = mpsc::unbounded_channel();
+    let startup = Startup::new(known_workers, config.startup_wait);
     let mut router = Router {
+        startup,
         policy,
         persistence,
         last_snapshot: Instant::now(),
@@ -139,7 +143,7 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            message = requests.next() => match message {
+            message = requests.next(), if router.startup.routing() => match message {
                 Some(Ok(message)) => router.on_request(message),
                 Some(Err(e)) => warn!(error = %e, "error consuming requests"),
                 None => {
@@ -190,6 +194,8 @@ struct DispatchResult {
 
 /// The routing actor.
 struct Router {
+    /// The wait for the known workers after a restart.
+    startup: Startup,
     config: Config,
     client: Client,
     policy: Box<dyn Policy>,
@@ -203,6 +209,50 @@ struct Router {
     persistence: Option<Persistence>,
     last_snapshot: Instant,
     metrics: Metrics,
+}
+
+/// The wait of a restarted scheduler for the workers it knew, before it routes anything.
+struct Startup {
+    awaiting: HashSet<String>,
+    until: Instant,
+    open: bool,
+}
+
+impl Startup {
+    /// Waits for `known` (the workers the restored tree names) for at most `wait`.
+    fn new(known: HashSet<String>, wait: Duration) -> Self {
+        let open = known.is_empty();
+        if !open {
+            info!(
+                workers = known.len(),
+                wait_ms = wait.as_millis() as u64,
+                "waiting for the known workers to report before routing"
+            );
+        }
+        Self {
+            awaiting: known,
+            until: Instant::now() + wait,
+            open,
+        }
+    }
+
+    /// A worker reported.
+    fn reported(&mut self, worker: &str) {
+        self.awaiting.remove(worker);
+    }
+
+    /// Whether requests may be routed: every known worker reported, or the wait is over.
+    fn routing(&mut self) -> bool {
+        if !self.open && (self.awaiting.is_empty() || Instant::now() >= self.until) {
+            self.open = true;
+            if self.awaiting.is_empty() {
+                info!("every known worker reported: routing");
+            } else {
+                warn!(missing = ?self.awaiting, "known workers did not report in time: routing without them");
+            }
+        }
+        self.open
+    }
 }
 
 /// A worker's digest (or why it could not be had).
@@ -491,6 +541,7 @@ impl Router {
         }
         if observed.joined {
             info!(%worker, "worker joined");
+            self.startup.reported(worker);
             self.request_digest(&event.worker_id);
             self.retry_waiting();
         }
