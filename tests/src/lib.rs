@@ -212,6 +212,8 @@ pub struct NatsServer {
     pub tls_ca: Option<PathBuf>,
     /// Where `nats.conf` and the credential files are.
     pub auth_dir: PathBuf,
+    port: u16,
+    log: PathBuf,
     child: Child,
 }
 
@@ -253,12 +255,30 @@ impl NatsServer {
                 String::from_utf8_lossy(&generated.stderr)
             );
         }
+        let log = dir.join("nats-server.log");
+        let child = Self::spawn(&auth_dir, &log, port).await?;
+        let scheme = if tls { "tls" } else { "nats" };
+        Ok(Self {
+            url: format!("{scheme}://127.0.0.1:{port}"),
+            tls_ca: tls.then(|| dir.join("certs").join("ca.pem")),
+            auth_dir,
+            port,
+            log,
+            child,
+        })
+    }
+
+    /// Starts the server of `auth_dir`'s configuration and waits until it listens on `port`.
+    async fn spawn(auth_dir: &std::path::Path, log: &std::path::Path, port: u16) -> Result<Child> {
         let server = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
             .into_iter()
             .map(PathBuf::from)
             .find(|p| p.exists())
             .context("nats-server is not installed (apt-get install nats-server)")?;
-        let log = std::fs::File::create(dir.join("nats-server.log"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
         let child = Command::new(server)
             .arg("-c")
             .arg(auth_dir.join("nats.conf"))
@@ -273,13 +293,17 @@ impl NatsServer {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let scheme = if tls { "tls" } else { "nats" };
-        Ok(Self {
-            url: format!("{scheme}://127.0.0.1:{port}"),
-            tls_ca: tls.then(|| dir.join("certs").join("ca.pem")),
-            auth_dir,
-            child,
-        })
+        Ok(child)
+    }
+
+    /// Kills the server (SIGKILL), keeps it down for `down`, and starts it again with the same
+    /// configuration and JetStream store.
+    pub async fn restart(&mut self, down: Duration) -> Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        tokio::time::sleep(down).await;
+        self.child = Self::spawn(&self.auth_dir, &self.log, self.port).await?;
+        Ok(())
     }
 
     /// The environment of one identity's credentials file (`gateway.env`, `scheduler.env`,

@@ -253,3 +253,61 @@ async fn the_stack_runs_on_a_nats_that_requires_tls() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_nats_outage_does_not_make_the_scheduler_drop_its_workers() {
+    let mut c = TestCluster::start(Options {
+        workers: 2,
+        auth: true,
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let live = || scrape(&c.scheduler_metrics, "preble:scheduler_live_workers");
+    assert_eq!(live().await.unwrap(), 2.0);
+    // Down for ten heartbeat allowances (workers beat every 100 ms, dead after 3 missed).
+    let metrics = c.scheduler_metrics.clone();
+    let watch = tokio::spawn(async move {
+        let mut lowest = f64::MAX;
+        let until = std::time::Instant::now() + Duration::from_secs(8);
+        while std::time::Instant::now() < until {
+            if let Ok(n) = scrape(&metrics, "preble:scheduler_live_workers").await {
+                lowest = lowest.min(n);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        lowest
+    });
+    c.nats
+        .as_mut()
+        .unwrap()
+        .restart(Duration::from_secs(3))
+        .await
+        .unwrap();
+    let lowest = watch.await.unwrap();
+    assert_eq!(
+        lowest,
+        2.0,
+        "the scheduler declared workers dead while it was itself cut off\n{}",
+        c.logs()
+    );
+    // And once NATS is back, the stack serves again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = post(
+            &c.gateway,
+            "/v1/completions",
+            &json!({"model": c.model, "prompt": "after the outage", "max_tokens": 3}),
+        )
+        .await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{status}: {body}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -200,6 +200,14 @@ impl Cluster {
         }
     }
 
+    /// Gives every worker until `grace` after `now` before its allowance of missed heartbeats
+    /// starts again (after the scheduler's own outage, workers reconnect in their own time).
+    pub fn refresh(&mut self, now: Instant, grace: Duration) {
+        for w in self.workers.values_mut() {
+            w.last_seen = now + grace;
+        }
+    }
+
     /// Removes workers not heard from for their allowed misses; returns each with the requests
     /// it still owed (their charges released).
     pub fn reap(&mut self, now: Instant) -> Vec<(String, Vec<(String, Outstanding)>)> {
@@ -207,7 +215,9 @@ impl Cluster {
         let dead: Vec<String> = self
             .workers
             .iter()
-            .filter(|(_, w)| now.duration_since(w.last_seen) > w.period.saturating_mul(misses))
+            .filter(|(_, w)| {
+                now.saturating_duration_since(w.last_seen) > w.period.saturating_mul(misses)
+            })
             .map(|(id, _)| id.clone())
             .collect();
         dead.into_iter()
@@ -311,6 +321,18 @@ mod tests {
         assert_eq!(dead[0].0, "a");
         assert_eq!(dead[0].1[0].0, "r1");
         assert_eq!(c.live_workers(), 1);
+    }
+
+    #[test]
+    fn after_an_outage_of_the_scheduler_every_worker_gets_a_fresh_allowance() {
+        let t = Instant::now();
+        let mut c = Cluster::new(3);
+        c.observe(&event("a", 0, beat()), t);
+        // Long silent (the scheduler was cut off), then refreshed with a grace.
+        let back = t + Duration::from_secs(10);
+        c.refresh(back, Duration::from_secs(2));
+        assert!(c.reap(back + Duration::from_millis(2_200)).is_empty());
+        assert_eq!(c.reap(back + Duration::from_millis(2_400)).len(), 1);
     }
 
     #[test]

@@ -124,6 +124,7 @@ pub async fn run(
     let startup = Startup::new(known_workers, config.startup_wait);
     let mut router = Router {
         startup,
+        disconnected: false,
         policy,
         persistence,
         last_snapshot: Instant::now(),
@@ -196,6 +197,8 @@ struct DispatchResult {
 struct Router {
     /// The wait for the known workers after a restart.
     startup: Startup,
+    /// The scheduler's own NATS connection is down (seen at the last tick).
+    disconnected: bool,
     config: Config,
     client: Client,
     policy: Box<dyn Policy>,
@@ -210,6 +213,10 @@ struct Router {
     last_snapshot: Instant,
     metrics: Metrics,
 }
+
+/// After the scheduler's own NATS outage, how long workers have to be heard from again before
+/// their allowance of missed heartbeats starts (they reconnect in their own time).
+const RECONNECT_GRACE: Duration = Duration::from_secs(5);
 
 /// The wait of a restarted scheduler for the workers it knew, before it routes anything.
 struct Startup {
@@ -664,8 +671,34 @@ impl Router {
         }
     }
 
+    /// Whether silent workers may be declared dead now: only while the scheduler is itself
+    /// connected to NATS (cut off, it hears nobody, and that is not their death). On
+    /// reconnecting, every worker gets a fresh allowance.
+    fn may_judge_workers(&mut self, now: Instant) -> bool {
+        let connected = self.client.connection_state() == async_nats::connection::State::Connected;
+        match (connected, self.disconnected) {
+            (false, false) => {
+                self.disconnected = true;
+                warn!("cut off from NATS: no worker is declared dead until it is back");
+            }
+            (true, true) => {
+                self.disconnected = false;
+                self.cluster.refresh(now, RECONNECT_GRACE);
+                info!("NATS is back: every worker's heartbeat allowance starts again");
+            }
+            _ => {}
+        }
+        connected
+    }
+
     fn on_tick(&mut self) {
-        for (worker, owed) in self.cluster.reap(Instant::now()) {
+        let now = Instant::now();
+        let reaped = if self.may_judge_workers(now) {
+            self.cluster.reap(now)
+        } else {
+            Vec::new()
+        };
+        for (worker, owed) in reaped {
             warn!(%worker, requests = owed.len(), "worker missed its heartbeats: dropped");
             let _ = self
                 .policy
