@@ -255,7 +255,7 @@ async fn the_stack_runs_on_a_nats_that_requires_tls() {
 }
 
 #[tokio::test]
-async fn a_nats_outage_does_not_make_the_scheduler_drop_its_workers() {
+async fn a_nats_outage_drops_no_worker_and_fails_no_request_sent_during_it() {
     let mut c = TestCluster::start(Options {
         workers: 2,
         auth: true,
@@ -265,11 +265,12 @@ async fn a_nats_outage_does_not_make_the_scheduler_drop_its_workers() {
     .unwrap();
     let live = || scrape(&c.scheduler_metrics, "preble:scheduler_live_workers");
     assert_eq!(live().await.unwrap(), 2.0);
-    // Down for ten heartbeat allowances (workers beat every 100 ms, dead after 3 missed).
+    // Down for 6 s: twenty heartbeat allowances (workers beat every 100 ms, dead after 3
+    // missed), and longer than JetStream's 5 s wait for a confirmation.
     let metrics = c.scheduler_metrics.clone();
     let watch = tokio::spawn(async move {
         let mut lowest = f64::MAX;
-        let until = std::time::Instant::now() + Duration::from_secs(8);
+        let until = std::time::Instant::now() + Duration::from_secs(11);
         while std::time::Instant::now() < until {
             if let Ok(n) = scrape(&metrics, "preble:scheduler_live_workers").await {
                 lowest = lowest.min(n);
@@ -278,12 +279,32 @@ async fn a_nats_outage_does_not_make_the_scheduler_drop_its_workers() {
         }
         lowest
     });
+    // Requests sent while NATS is down wait for it (within the gateway's submit budget).
+    let during: Vec<_> = (0..4)
+        .map(|i| {
+            let gateway = c.gateway.clone();
+            let body = json!({"model": c.model, "prompt": format!("during {i}"), "max_tokens": 3});
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                post(&gateway, "/v1/completions", &body).await
+            })
+        })
+        .collect();
     c.nats
         .as_mut()
         .unwrap()
-        .restart(Duration::from_secs(3))
+        .restart(Duration::from_secs(6))
         .await
         .unwrap();
+    for request in during {
+        let (status, body) = request.await.unwrap();
+        assert_eq!(
+            status,
+            200,
+            "a request sent during the outage failed: {body}\n{}",
+            c.logs()
+        );
+    }
     let lowest = watch.await.unwrap();
     assert_eq!(
         lowest,

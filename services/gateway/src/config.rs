@@ -81,6 +81,10 @@ pub struct Args {
     /// one).
     #[arg(long, env = "PREBLE_RATE_LIMIT_BURST")]
     pub rate_limit_burst: Option<f64>,
+    /// How long a request that cannot be queued (NATS unreachable) is retried before it fails
+    /// with `overloaded`, s.
+    #[arg(long, env = "PREBLE_SUBMIT_BUDGET_S", default_value_t = 15)]
+    pub submit_budget_s: u64,
     /// Period of this gateway's presence beats, ms; workers stop its requests when it has
     /// missed three.
     #[arg(long, env = "PREBLE_PRESENCE_PERIOD_MS", default_value_t = 1000)]
@@ -122,6 +126,8 @@ pub struct Config {
     pub admission_limits: AdmissionLimits,
     /// Period of the presence beats.
     pub presence_period: Duration,
+    /// Longest retrying of a request that cannot be queued.
+    pub submit_budget: Duration,
 }
 
 impl Config {
@@ -182,6 +188,7 @@ impl Config {
                 burst: args.rate_limit_burst.unwrap_or(args.rate_limit).max(1.0),
             },
             presence_period: Duration::from_millis(args.presence_period_ms),
+            submit_budget: Duration::from_secs(args.submit_budget_s),
         })
     }
 }

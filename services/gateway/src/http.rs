@@ -66,6 +66,7 @@ pub async fn run(
         config.stream_idle_timeout,
         metrics.clone(),
         gateway_id.clone(),
+        config.submit_budget,
     );
     let stop_beats = tokio_util::sync::CancellationToken::new();
     let beats = tokio::spawn(crate::presence::beat(

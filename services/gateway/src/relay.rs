@@ -8,7 +8,7 @@
 //! its output is queued again (and routed to another worker) instead of failing.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::{Client, HeaderMap, Subscriber, jetstream};
 use futures::StreamExt;
@@ -16,7 +16,7 @@ use preble_protocol::{
     Cancel, ErrorCode, FinishReason, GenerateRequest, SamplingParams, StreamBody, StreamMessage,
     Subjects, Usage, decode, encode,
 };
-use tracing::{Span, field::Empty, warn};
+use tracing::{Span, debug, field::Empty, warn};
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -50,16 +50,23 @@ pub struct Relay {
     idle_timeout: Duration,
     metrics: Metrics,
     gateway_id: String,
+    submit_budget: Duration,
 }
 
+/// Pause between attempts to queue a request while the request queue is unreachable.
+const SUBMIT_RETRY_PAUSE: Duration = Duration::from_millis(250);
+
 impl Relay {
-    /// A relay over `client` for gateway instance `gateway_id` (named in every request).
+    /// A relay over `client` for gateway instance `gateway_id` (named in every request); a
+    /// request that cannot be queued is retried for up to `submit_budget` (a NATS outage)
+    /// before it fails with `overloaded`.
     pub fn new(
         client: Client,
         subjects: Subjects,
         idle_timeout: Duration,
         metrics: Metrics,
         gateway_id: String,
+        submit_budget: Duration,
     ) -> Self {
         Self {
             jetstream: jetstream::new(client.clone()),
@@ -68,6 +75,7 @@ impl Relay {
             idle_timeout,
             metrics,
             gateway_id,
+            submit_budget,
         }
     }
 
@@ -149,13 +157,36 @@ impl Relay {
                     format!("message bus unavailable: {e}"),
                 )
             })?;
+        // The stream key names this submission: JetStream drops a repeat of it (an attempt
+        // whose confirmation was lost), so retrying never queues a request twice.
+        let mut headers = preble_telemetry::propagation::headers_for(span);
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            request.stream_key.as_str(),
+        );
+        let payload: bytes::Bytes = encode(request).into();
+        let deadline = Instant::now() + self.submit_budget;
+        loop {
+            match self.publish_once(headers.clone(), payload.clone()).await {
+                Ok(()) => return Ok(subscription),
+                Err(e) if Instant::now() + SUBMIT_RETRY_PAUSE < deadline => {
+                    debug!(error = %e, "request queue unavailable; retrying");
+                    tokio::time::sleep(SUBMIT_RETRY_PAUSE).await;
+                }
+                Err(e) => return Err(e.retry_after(Duration::from_secs(1))),
+            }
+        }
+    }
+
+    /// One attempt to put a request on the requests stream, confirmed.
+    async fn publish_once(
+        &self,
+        headers: HeaderMap,
+        payload: bytes::Bytes,
+    ) -> Result<(), ApiError> {
         let ack = self
             .jetstream
-            .publish_with_headers(
-                self.subjects.requests(),
-                preble_telemetry::propagation::headers_for(span),
-                encode(request).into(),
-            )
+            .publish_with_headers(self.subjects.requests(), headers, payload)
             .await
             .map_err(|e| {
                 ApiError::new(
@@ -169,7 +200,7 @@ impl Relay {
                 format!("request queue did not confirm: {e}"),
             )
         })?;
-        Ok(subscription)
+        Ok(())
     }
 }
 
