@@ -73,3 +73,38 @@ pub fn code(body: &Value) -> &str {
         .as_str()
         .unwrap_or_else(|| panic!("not an error body: {body}"))
 }
+
+/// Publishes a NATS API request (with `headers`) and waits for its last event (`Done` or
+/// `Error`), at most 10 s between events.
+pub async fn nats_api_call(
+    client: &async_nats::Client,
+    subject: String,
+    request: &preble_protocol::ApiRequest,
+    headers: async_nats::HeaderMap,
+) -> preble_protocol::ApiEventBody {
+    use preble_protocol::{ApiEvent, ApiEventBody};
+    let inbox = client.new_inbox();
+    let mut events = client.subscribe(inbox.clone()).await.expect("subscribe");
+    client
+        .publish_with_reply_and_headers(
+            subject,
+            inbox,
+            headers,
+            preble_protocol::encode(request).into(),
+        )
+        .await
+        .expect("publish");
+    loop {
+        let message = tokio::time::timeout(std::time::Duration::from_secs(10), events.next())
+            .await
+            .expect("an answer")
+            .expect("subscription open");
+        let event: ApiEvent = preble_protocol::decode(&message.payload).expect("an API event");
+        if matches!(
+            event.body,
+            ApiEventBody::Done { .. } | ApiEventBody::Error { .. }
+        ) {
+            return event.body;
+        }
+    }
+}

@@ -8,8 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use futures::StreamExt;
-use preble_protocol::{ApiEvent, ApiEventBody, ApiRequest, ErrorCode, Subjects, decode, encode};
+use preble_protocol::{ApiEventBody, ApiRequest, ErrorCode, Subjects};
 use preble_tests::{Options, TestCluster, scrape};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -380,37 +379,19 @@ async fn prompts_that_cannot_fit_are_refused_without_tokenising() {
 /// Sends one NATS API request, with or without an API key; returns its last event.
 async fn nats_api(c: &TestCluster, key: Option<&str>) -> ApiEventBody {
     let client = async_nats::connect(preble_tests::NATS_URL).await.unwrap();
-    let subjects = Subjects::new(&c.prefix);
-    let inbox = client.new_inbox();
-    let mut events = client.subscribe(inbox.clone()).await.unwrap();
     let mut request = ApiRequest::completion(&c.model, "hello over NATS");
     request.max_tokens = Some(3);
     let mut headers = async_nats::HeaderMap::new();
     if let Some(key) = key {
         headers.insert("Authorization", format!("Bearer {key}").as_str());
     }
-    client
-        .publish_with_reply_and_headers(
-            subjects.api_generate(),
-            inbox,
-            headers,
-            encode(&request).into(),
-        )
-        .await
-        .unwrap();
-    loop {
-        let message = tokio::time::timeout(Duration::from_secs(10), events.next())
-            .await
-            .expect("an answer")
-            .expect("subscription open");
-        let event: ApiEvent = decode(&message.payload).unwrap();
-        if matches!(
-            event.body,
-            ApiEventBody::Done { .. } | ApiEventBody::Error { .. }
-        ) {
-            return event.body;
-        }
-    }
+    nats_api_call(
+        &client,
+        Subjects::new(&c.prefix).api_generate(),
+        &request,
+        headers,
+    )
+    .await
 }
 
 #[tokio::test]

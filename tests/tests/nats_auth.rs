@@ -229,29 +229,14 @@ async fn the_stack_runs_on_a_nats_that_requires_tls() {
     );
     // The API client identity, over TLS, is answered.
     let client = nats.connect_as("client.env", "_INBOX").await.unwrap();
-    let subjects = Subjects::new(&c.prefix);
-    let inbox = client.new_inbox();
-    let mut events = client.subscribe(inbox.clone()).await.unwrap();
     let mut request = preble_protocol::ApiRequest::completion(&c.model, "hello");
     request.max_tokens = Some(2);
-    client
-        .publish_with_reply(subjects.api_generate(), inbox, encode(&request).into())
-        .await
-        .unwrap();
-    loop {
-        let message = tokio::time::timeout(Duration::from_secs(10), events.next())
-            .await
-            .expect("an answer")
-            .unwrap();
-        let event: preble_protocol::ApiEvent = preble_protocol::decode(&message.payload).unwrap();
-        match event.body {
-            preble_protocol::ApiEventBody::Done { .. } => break,
-            preble_protocol::ApiEventBody::Error { code, message } => {
-                panic!("{code}: {message}")
-            }
-            preble_protocol::ApiEventBody::Delta { .. } => {}
-        }
-    }
+    let subject = Subjects::new(&c.prefix).api_generate();
+    let answer = nats_api_call(&client, subject, &request, async_nats::HeaderMap::new()).await;
+    assert!(
+        matches!(answer, preble_protocol::ApiEventBody::Done { .. }),
+        "{answer:?}"
+    );
 }
 
 #[tokio::test]

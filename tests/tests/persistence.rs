@@ -12,6 +12,15 @@ use common::post;
 use preble_tests::{Options, TestCluster, free_port, scrape};
 use serde_json::json;
 
+/// Waits until something listens on `port` (a redis-server starting).
+fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 struct Redis {
     port: u16,
     child: Child,
@@ -32,11 +41,7 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server is installed (scripts/ensure-services.sh installs it)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_port(port);
         Redis { port, child }
     }
 
@@ -200,11 +205,7 @@ fn start_secured_redis(port: u16, password: &str, tls_dir: Option<&std::path::Pa
         .stderr(Stdio::null())
         .spawn()
         .expect("redis-server is installed");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_port(port);
     child
 }
 

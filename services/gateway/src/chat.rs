@@ -189,12 +189,7 @@ mod tests {
     use super::*;
 
     fn model() -> (tempfile::TempDir, ServedModel) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m");
-        preble_modelgen::write_sim_model(&path, &preble_modelgen::SimModelOptions::default())
-            .unwrap();
-        let m = ServedModel::load(&path).unwrap();
-        (dir, m)
+        crate::models::test_model()
     }
 
     fn msg(role: &str, content: &str) -> ChatMessage {

@@ -187,37 +187,39 @@ async fn list_models(State(state): State<Arc<AppState>>) -> Json<serde_json::Val
 }
 
 async fn completions(State(state): State<Arc<AppState>>, request: Request) -> Response {
-    let headers = request.headers().clone();
-    let prepared = async {
-        let admitted = admit(&state, &request)?;
-        let body = read_body(&state.config, request).await?;
-        let prepared = state
-            .preparer
-            .prepare(body.len(), move || {
-                openai::parse_request::<CompletionRequest>(&body).map(ClientRequest::Completion)
-            })
-            .await?;
-        Ok((admitted, prepared))
-    }
-    .await;
-    respond(&state, Endpoint::Completions, prepared, &headers).await
+    generate(state, request, Endpoint::Completions, |body| {
+        openai::parse_request::<CompletionRequest>(body).map(ClientRequest::Completion)
+    })
+    .await
 }
 
 async fn chat_completions(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    generate(state, request, Endpoint::Chat, |body| {
+        openai::parse_request::<ChatRequest>(body).map(ClientRequest::Chat)
+    })
+    .await
+}
+
+/// Serves one generation request: admission, body, preparation (`parse` reads the body as
+/// the endpoint's request), then the answer.
+async fn generate(
+    state: Arc<AppState>,
+    request: Request,
+    endpoint: Endpoint,
+    parse: fn(&[u8]) -> Result<ClientRequest, ApiError>,
+) -> Response {
     let headers = request.headers().clone();
     let prepared = async {
         let admitted = admit(&state, &request)?;
         let body = read_body(&state.config, request).await?;
         let prepared = state
             .preparer
-            .prepare(body.len(), move || {
-                openai::parse_request::<ChatRequest>(&body).map(ClientRequest::Chat)
-            })
+            .prepare(body.len(), move || parse(&body))
             .await?;
         Ok((admitted, prepared))
     }
     .await;
-    respond(&state, Endpoint::Chat, prepared, &headers).await
+    respond(&state, endpoint, prepared, &headers).await
 }
 
 /// Reads a request body within the size limit and the body read timeout.

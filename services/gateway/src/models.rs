@@ -261,17 +261,22 @@ impl Models {
     }
 }
 
+/// A freshly generated sim model, for the gateway's unit tests.
+#[cfg(test)]
+pub(crate) fn test_model() -> (tempfile::TempDir, ServedModel) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m");
+    preble_modelgen::write_sim_model(&path, &preble_modelgen::SimModelOptions::default()).unwrap();
+    let m = ServedModel::load(&path).unwrap();
+    (dir, m)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn model() -> (tempfile::TempDir, ServedModel) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m");
-        preble_modelgen::write_sim_model(&path, &preble_modelgen::SimModelOptions::default())
-            .unwrap();
-        let m = ServedModel::load(&path).unwrap();
-        (dir, m)
+        test_model()
     }
 
     #[test]
