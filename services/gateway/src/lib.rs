@@ -6,6 +6,8 @@
 //! - [`config`]: flags and the validated configuration.
 //! - [`admission`]: the in-flight limit and per-key rate limits, refused at once.
 //! - [`models`]: served models: tokenizer, chat template, context length.
+//! - [`template`]: where a model directory's chat template lives (every place transformers
+//!   writes one).
 //! - [`chat`]: conversations to prompt tokens, user content kept as data.
 //! - [`fields`]: which request fields are honoured; the rest are refused by name.
 //! - [`prepare`]: one request preparation (key, checks, defaults, tokenisation) for both doors.
@@ -33,6 +35,7 @@ pub mod prepare;
 pub mod presence;
 pub mod relay;
 pub mod serve;
+pub mod template;
 pub mod text;
 
 pub use config::{Args, Config};

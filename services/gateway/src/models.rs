@@ -13,10 +13,6 @@ use tokenizers::Tokenizer;
 
 use crate::error::ApiError;
 
-/// The chat template used when `tokenizer_config.json` has none: ChatML, the format of many
-/// open chat models (`<|im_start|>role\ncontent<|im_end|>\n`, then `<|im_start|>assistant\n`).
-pub const DEFAULT_CHAT_TEMPLATE: &str = "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
-
 /// One served model.
 pub struct ServedModel {
     /// Name clients use.
@@ -33,7 +29,8 @@ pub struct ServedModel {
     pub(crate) special_tokens: Vec<(String, u32)>,
     /// Bytes of the longest vocabulary entry: no token covers more text than this.
     longest_token_bytes: usize,
-    templates: Environment<'static>,
+    /// The compiled chat template (`None`: the model serves completions only).
+    templates: Option<Environment<'static>>,
     bos_token: String,
     eos_token: String,
 }
@@ -78,31 +75,14 @@ impl ServedModel {
         } else {
             Value::Null
         };
-        let template = match tokenizer_config.get("chat_template") {
-            Some(Value::String(t)) => t.clone(),
-            // A list of named templates: take the one named "default".
-            Some(Value::Array(list)) => list
-                .iter()
-                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
-                .and_then(|t| t.get("template").and_then(Value::as_str))
-                .unwrap_or(DEFAULT_CHAT_TEMPLATE)
-                .to_string(),
-            _ => DEFAULT_CHAT_TEMPLATE.to_string(),
-        };
-        let mut templates = Environment::new();
-        templates.add_function(
-            "raise_exception",
-            |message: String| -> Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    message,
-                ))
-            },
-        );
-        templates
-            .add_template_owned("chat", template)
-            .context("compiling the chat template")?;
         let name = preble_modeldir::served_name(dir)?;
+        let templates = match crate::template::find(dir, &tokenizer_config)? {
+            Some(template) => Some(compile_template(template)?),
+            None => {
+                tracing::warn!(model = %name, "no chat template in the model directory: it serves completions only");
+                None
+            }
+        };
         let mut plain_tokenizer = tokenizer.clone();
         plain_tokenizer.set_encode_special_tokens(true);
         let mut special_tokens: Vec<(String, u32)> = tokenizer
@@ -202,8 +182,16 @@ impl ServedModel {
     /// Renders a conversation with the model's chat template, ready for generation (roles as
     /// given: [`Self::encode_chat`] checks them first).
     pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, ApiError> {
-        let template = self
-            .templates
+        let Some(templates) = &self.templates else {
+            return Err(ApiError::invalid(
+                "messages",
+                format!(
+                    "the model `{}` has no chat template; use /v1/completions with a prompt",
+                    self.name
+                ),
+            ));
+        };
+        let template = templates
             .get_template("chat")
             .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
         template
@@ -218,6 +206,25 @@ impl ServedModel {
             })
             .map_err(|e| ApiError::invalid("messages", format!("chat template failed: {e}")))
     }
+}
+
+/// Compiles a chat template, with the helpers Hugging Face templates call.
+fn compile_template(template: crate::template::ChatTemplate) -> Result<Environment<'static>> {
+    let mut templates = Environment::new();
+    templates.add_function(
+        "raise_exception",
+        |message: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                message,
+            ))
+        },
+    );
+    let from = template.from.clone();
+    templates
+        .add_template_owned("chat", template.source)
+        .with_context(|| format!("compiling the chat template from {from}"))?;
+    Ok(templates)
 }
 
 /// Every served model by name.
@@ -302,6 +309,34 @@ mod tests {
         let ids = m.encode(&text).unwrap();
         let im_start = m.tokenizer.token_to_id("<|im_start|>").unwrap();
         assert_eq!(ids.iter().filter(|&&t| t == im_start).count(), 3);
+    }
+
+    #[test]
+    fn a_model_without_a_chat_template_refuses_chat_and_one_in_jinja_is_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("base");
+        preble_modelgen::write_sim_model(&path, &preble_modelgen::SimModelOptions::default())
+            .unwrap();
+        let config_path = path.join("tokenizer_config.json");
+        let mut config = read_json(&config_path).unwrap();
+        config.as_object_mut().unwrap().remove("chat_template");
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        let chat = [ChatMessage {
+            role: "user".into(),
+            content: "Hi".into(),
+        }];
+        let base = ServedModel::load(&path).unwrap();
+        let e = base.render_chat(&chat).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidRequest);
+        assert!(e.message.contains("no chat template"), "{e:?}");
+        // transformers 5 writes the template to its own file.
+        std::fs::write(
+            path.join("chat_template.jinja"),
+            "[{{ messages[0].content }}]",
+        )
+        .unwrap();
+        let chat_model = ServedModel::load(&path).unwrap();
+        assert_eq!(chat_model.render_chat(&chat).unwrap(), "[Hi]");
     }
 
     #[test]
