@@ -139,6 +139,19 @@ impl Percentiles {
     }
 }
 
+/// Whether a request's error is a refusal the server answered at once: HTTP 429 or 503, or
+/// the NATS API's `overloaded` and `rate_limit_exceeded`.
+pub fn is_refusal(error: &str) -> bool {
+    [
+        "HTTP 429",
+        "HTTP 503",
+        "overloaded:",
+        "rate_limit_exceeded:",
+    ]
+    .iter()
+    .any(|p| error.starts_with(p))
+}
+
 /// What a report shows of one run.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
@@ -154,8 +167,12 @@ pub struct Summary {
     pub requests: usize,
     /// Requests that finished.
     pub completed: usize,
-    /// Requests refused or failed.
+    /// Requests that failed (neither refused nor timed out).
     pub errors: usize,
+    /// Requests the server refused at once (overloaded, rate limited): a server near
+    /// saturation that refuses keeps its latency down, so this is reported beside latency.
+    #[serde(default)]
+    pub refused: usize,
     /// Requests that finished after the timeout, were abandoned at it (an error starting with
     /// `timeout`), or never finished.
     pub timed_out: usize,
@@ -209,11 +226,13 @@ impl Summary {
             .collect();
         let abandoned =
             |r: &RequestRecord| r.error.as_deref().is_some_and(|e| e.starts_with("timeout"));
+        let refused = |r: &RequestRecord| r.error.as_deref().is_some_and(is_refusal);
         let errors = run
             .records
             .iter()
-            .filter(|r| r.error.is_some() && !abandoned(r))
+            .filter(|r| r.error.is_some() && !abandoned(r) && !refused(r))
             .count();
+        let refused = run.records.iter().filter(|r| refused(r)).count();
         let timed_out = run
             .records
             .iter()
@@ -264,6 +283,7 @@ impl Summary {
             requests: run.records.len(),
             completed: done.len(),
             errors,
+            refused,
             timed_out,
             latency_ms: Percentiles::of(done.iter().filter_map(|r| r.latency_ms())),
             ttft_ms: Percentiles::of(done.iter().filter_map(|r| r.ttft_ms())),
@@ -322,6 +342,11 @@ mod tests {
             error: Some("boom".into()),
             ..RequestRecord::default()
         });
+        run.records.push(RequestRecord {
+            id: 4,
+            error: Some("HTTP 503 Service Unavailable: overloaded".into()),
+            ..RequestRecord::default()
+        });
         let s = Summary::of(
             &run,
             Judging {
@@ -330,8 +355,8 @@ mod tests {
             },
         );
         assert_eq!(
-            (s.requests, s.completed, s.errors, s.timed_out),
-            (4, 3, 1, 1)
+            (s.requests, s.completed, s.errors, s.refused, s.timed_out),
+            (5, 3, 1, 1, 1)
         );
         assert!((s.latency_ms.mean - (100.0 + 2000.0 + 200.0) / 3.0).abs() < 1e-9);
         assert!((s.tpot_ms.p50 - 10.0).abs() < 0.1, "{:?}", s.tpot_ms);

@@ -4,12 +4,13 @@ use std::fmt::Write;
 
 use super::Summary;
 
-/// One row per summary: latency, TTFT, TPOT, throughput, goodput, hit ratio, spread, errors.
+/// One row per summary: latency, TTFT, TPOT, throughput, goodput, hit ratio, spread, errors,
+/// refusals, timeouts.
 pub fn render(summaries: &[Summary]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<10} {:<12} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>6} {:>6} {:>5} {:>5}  decisions",
+        "{:<10} {:<12} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>6} {:>6} {:>5} {:>5} {:>5}  decisions",
         "workload",
         "policy",
         "rate",
@@ -24,6 +25,7 @@ pub fn render(summaries: &[Summary]) -> String {
         "hit %",
         "spread",
         "err",
+        "refus",
         "t/o",
     );
     for s in summaries {
@@ -35,7 +37,7 @@ pub fn render(summaries: &[Summary]) -> String {
             .join(" ");
         let _ = writeln!(
             out,
-            "{:<10} {:<12} {:>7.2} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>8.1} {:>8.2} {:>8.2} {:>6.1} {:>6.2} {:>5} {:>5}  {}",
+            "{:<10} {:<12} {:>7.2} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>8.1} {:>8.2} {:>8.2} {:>6.1} {:>6.2} {:>5} {:>5} {:>5}  {}",
             s.workload,
             s.policy,
             s.rate,
@@ -50,6 +52,7 @@ pub fn render(summaries: &[Summary]) -> String {
             s.prefix_hit_ratio * 100.0,
             s.load_spread,
             s.errors,
+            s.refused,
             s.timed_out,
             decisions,
         );
