@@ -8,6 +8,7 @@
 //! - [`service`]: the NATS side: the requests stream and consumer, the routing actor,
 //!   dispatch with request-reply, worker events.
 //! - [`persist`]: the prefix tree's snapshot and op log in Redis.
+//! - [`startup`]: a restarted scheduler's bounded wait for the workers it knew.
 //! - [`metrics`]: Prometheus metrics.
 
 pub mod cluster;
@@ -15,6 +16,7 @@ pub mod config;
 pub mod metrics;
 pub mod persist;
 pub mod service;
+pub mod startup;
 
 pub use config::{Args, Config};
 pub use service::run;

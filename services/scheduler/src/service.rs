@@ -26,6 +26,7 @@ use crate::cluster::{Cluster, Outstanding};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::persist::{self, Keys, Persistence, Shadow, StoredOp, StoredSnapshot};
+use crate::startup::Startup;
 
 /// How often dead workers are reaped and waiting requests retried.
 const TICK: Duration = Duration::from_millis(50);
@@ -217,50 +218,6 @@ struct Router {
 /// After the scheduler's own NATS outage, how long workers have to be heard from again before
 /// their allowance of missed heartbeats starts (they reconnect in their own time).
 const RECONNECT_GRACE: Duration = Duration::from_secs(5);
-
-/// The wait of a restarted scheduler for the workers it knew, before it routes anything.
-struct Startup {
-    awaiting: HashSet<String>,
-    until: Instant,
-    open: bool,
-}
-
-impl Startup {
-    /// Waits for `known` (the workers the restored tree names) for at most `wait`.
-    fn new(known: HashSet<String>, wait: Duration) -> Self {
-        let open = known.is_empty();
-        if !open {
-            info!(
-                workers = known.len(),
-                wait_ms = wait.as_millis() as u64,
-                "waiting for the known workers to report before routing"
-            );
-        }
-        Self {
-            awaiting: known,
-            until: Instant::now() + wait,
-            open,
-        }
-    }
-
-    /// A worker reported.
-    fn reported(&mut self, worker: &str) {
-        self.awaiting.remove(worker);
-    }
-
-    /// Whether requests may be routed: every known worker reported, or the wait is over.
-    fn routing(&mut self) -> bool {
-        if !self.open && (self.awaiting.is_empty() || Instant::now() >= self.until) {
-            self.open = true;
-            if self.awaiting.is_empty() {
-                info!("every known worker reported: routing");
-            } else {
-                warn!(missing = ?self.awaiting, "known workers did not report in time: routing without them");
-            }
-        }
-        self.open
-    }
-}
 
 /// A worker's digest (or why it could not be had).
 struct DigestResult {
