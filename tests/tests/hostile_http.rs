@@ -219,8 +219,19 @@ async fn idle_connections_beyond_the_cap_leave_health_and_requests_answering() {
     .await
     .unwrap();
     let addr = host_port(&c.gateway);
-    // Ten times the cap, all open at once, none sending anything.
+    // As many as the cap that sent one request and then sit idle on keep-alive, then ten times
+    // the cap that never send anything, all open at once.
     let mut idle = Vec::new();
+    for _ in 0..300 {
+        let mut used = TcpStream::connect(&addr).await.unwrap();
+        used.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = [0u8; 256];
+        let n = used.read(&mut answer).await.unwrap();
+        assert!(answer[..n].starts_with(b"HTTP/1.1 200"));
+        idle.push(used);
+    }
     for _ in 0..3_000 {
         idle.push(TcpStream::connect(&addr).await.unwrap());
     }
@@ -246,7 +257,7 @@ async fn idle_connections_beyond_the_cap_leave_health_and_requests_answering() {
     let evicted = scrape(&metrics, "preble:http_connections_evicted_total")
         .await
         .unwrap();
-    assert!(evicted >= 2_000.0, "{evicted} evicted");
+    assert!(evicted >= 3_000.0, "{evicted} evicted");
     let open = scrape(&metrics, "preble:http_connections_open")
         .await
         .unwrap();
@@ -417,4 +428,46 @@ async fn the_nats_api_checks_api_keys_like_http() {
     assert!(matches!(wrong, ApiEventBody::Error { .. }), "{wrong:?}");
     let served = nats_api(&c, Some("k1")).await;
     assert!(matches!(served, ApiEventBody::Done { .. }), "{served:?}");
+}
+
+#[tokio::test]
+async fn a_connection_past_a_cap_of_busy_connections_gets_a_503_at_once() {
+    let c = TestCluster::start(Options {
+        workers: 1,
+        time_scale: 1.0,
+        gateway_env: vec![("PREBLE_MAX_CONNECTIONS".into(), "2".into())],
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    // Two long streams hold both slots (connections that sent a request are never evicted).
+    let mut streams = Vec::new();
+    for i in 0..2 {
+        let gateway = c.gateway.clone();
+        let model = c.model.clone();
+        streams.push(tokio::spawn(async move {
+            stream(
+                &gateway,
+                "/v1/completions",
+                &json!({"model": model, "prompt": format!("hold {i}"), "max_tokens": 400,
+                    "ignore_eos": true, "stream": true}),
+            )
+            .await
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.worker_sum("preble:num_requests_running").await < 2.0 {
+        assert!(Instant::now() < deadline, "{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut third = TcpStream::connect(host_port(&c.gateway)).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.to_lowercase().contains("retry-after: 1"), "{answer}");
+    assert!(answer.contains("\"overloaded\""), "{answer}");
+    for s in streams {
+        s.abort();
+    }
 }

@@ -1,15 +1,17 @@
 //! Serving HTTP/1.1 connections within limits: at most `max_connections` open at once, a
 //! connection that has not sent a complete request head within `header_read_timeout` (a new
 //! one, or one idle between keep-alive requests) is closed, and when the cap is reached the
-//! oldest connection that has never sent a request is closed to make room, so idle or slow
-//! connections can never lock real clients out. A connection refused because every slot is
-//! serving a request gets an OpenAI-shaped 503 with `Retry-After`.
+//! connection idle the longest (no request in progress: never used, or between keep-alive
+//! requests) is closed to make room, so idle or slow connections can never lock real clients
+//! out. A connection refused because every connection has a request in progress gets an
+//! OpenAI-shaped 503 with `Retry-After`.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Body;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -34,13 +36,32 @@ pub struct ConnectionLimits {
     pub drain_timeout: Duration,
 }
 
-/// The open connections: which have not yet sent a request (evictable, oldest first).
+/// The open connections, and which of them are idle (no request in progress: new ones, and
+/// keep-alive ones between requests), in the order they became idle.
 #[derive(Default)]
 struct Table {
     next_id: u64,
-    open: HashSet<u64>,
-    never_used: BTreeSet<u64>,
-    evict: HashMap<u64, Arc<Notify>>,
+    next_order: u64,
+    open: HashMap<u64, Arc<Notify>>,
+    idle: BTreeSet<(u64, u64)>,
+    idle_since: HashMap<u64, u64>,
+}
+
+impl Table {
+    fn set_idle(&mut self, id: u64) {
+        if self.open.contains_key(&id) && !self.idle_since.contains_key(&id) {
+            let order = self.next_order;
+            self.next_order += 1;
+            self.idle.insert((order, id));
+            self.idle_since.insert(id, order);
+        }
+    }
+
+    fn set_busy(&mut self, id: u64) {
+        if let Some(order) = self.idle_since.remove(&id) {
+            self.idle.remove(&(order, id));
+        }
+    }
 }
 
 /// One admitted connection's place in the table; freed when dropped.
@@ -52,21 +73,55 @@ struct Slot {
 }
 
 impl Slot {
-    /// The connection sent a request: it is no longer evictable.
-    fn mark_used(&self) {
-        let mut t = lock(&self.table);
-        t.never_used.remove(&self.id);
-        t.evict.remove(&self.id);
+    /// A request arrived: the connection is not evictable until its response is over.
+    fn busy(self: &Arc<Self>) -> Busy {
+        lock(&self.table).set_busy(self.id);
+        Busy(self.clone())
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut t = lock(&self.table);
+        t.set_busy(self.id);
         t.open.remove(&self.id);
-        t.never_used.remove(&self.id);
-        t.evict.remove(&self.id);
         self.metrics.connections_open.set(t.open.len() as i64);
+    }
+}
+
+/// A request in progress on a connection; the connection is idle again when it is dropped
+/// (hyper drops the response body once it is sent).
+struct Busy(Arc<Slot>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        lock(&self.0.table).set_idle(self.0.id);
+    }
+}
+
+/// A response body that keeps its connection marked busy until it is sent.
+struct BusyBody {
+    inner: Body,
+    _busy: Busy,
+}
+
+impl http_body::Body for BusyBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -74,14 +129,14 @@ fn lock(table: &Mutex<Table>) -> std::sync::MutexGuard<'_, Table> {
     table.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Admits a connection, evicting the oldest never-used one when the table is full; `None`
-/// when every slot is serving a request.
+/// Admits a connection, evicting the connection idle the longest when the table is full;
+/// `None` when every connection has a request in progress.
 fn admit(table: &Arc<Mutex<Table>>, max: usize, metrics: &Metrics) -> Option<Slot> {
     let mut t = lock(table);
     if t.open.len() >= max {
-        let oldest = t.never_used.pop_first()?;
-        t.open.remove(&oldest);
-        if let Some(n) = t.evict.remove(&oldest) {
+        let (_, oldest) = t.idle.pop_first()?;
+        t.idle_since.remove(&oldest);
+        if let Some(n) = t.open.remove(&oldest) {
             n.notify_one();
         }
         metrics.connections_evicted.inc();
@@ -89,9 +144,8 @@ fn admit(table: &Arc<Mutex<Table>>, max: usize, metrics: &Metrics) -> Option<Slo
     let id = t.next_id;
     t.next_id += 1;
     let evicted = Arc::new(Notify::new());
-    t.open.insert(id);
-    t.never_used.insert(id);
-    t.evict.insert(id, evicted.clone());
+    t.open.insert(id, evicted.clone());
+    t.set_idle(id);
     metrics.connections_open.set(t.open.len() as i64);
     Some(Slot {
         id,
@@ -163,12 +217,17 @@ pub async fn serve(
         };
         let slot = Arc::new(slot);
         let marker = slot.clone();
-        let service = router
-            .clone()
-            .map_request(move |request: axum::http::Request<Incoming>| {
-                marker.mark_used();
-                request
-            });
+        let router = router.clone();
+        let service = tower::service_fn(move |request: axum::http::Request<Incoming>| {
+            let busy = marker.busy();
+            let response = router.clone().oneshot(request);
+            async move {
+                let response = response.await?;
+                Ok::<_, std::convert::Infallible>(
+                    response.map(|inner| Body::new(BusyBody { inner, _busy: busy })),
+                )
+            }
+        });
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_read_timeout)
