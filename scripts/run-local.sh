@@ -24,7 +24,7 @@ workers=$(seq -s, -f 'gpu-%g' 0 $((WORKERS - 1)))
 if [ "${NATS_NO_AUTH:-0}" = 1 ]; then
   echo "warning: NATS without authentication (NATS_NO_AUTH=1): any client can act as any service"
   export PREBLE_NATS_URL=nats://127.0.0.1:4222 PREBLE_NATS_NO_AUTH=true
-  as() { shift; "$@"; }
+  with_identity() { shift; "$@"; }
 else
   "$BIN/preble-nats-auth" --out "$AUTH_DIR" --listen "127.0.0.1:$NATS_PORT" --workers "$workers"
   nats=$(command -v nats-server || echo /usr/sbin/nats-server)
@@ -35,15 +35,15 @@ else
   done
   export PREBLE_NATS_URL="nats://127.0.0.1:$NATS_PORT"
   # Runs a service with the credentials of its identity (file $1 in $AUTH_DIR).
-  as() { local creds=$1; shift; (set -a; . "$AUTH_DIR/$creds"; exec "$@"); }
+  with_identity() { local creds=$1; shift; (set -a; . "$AUTH_DIR/$creds"; exec "$@"); }
 fi
 
-as scheduler.env "$BIN/preble-scheduler" --http-addr 127.0.0.1:9000 & pids+=($!)
+with_identity scheduler.env "$BIN/preble-scheduler" --http-addr 127.0.0.1:9000 & pids+=($!)
 for i in $(seq 0 $((WORKERS - 1))); do
-  as "worker-gpu-$i.env" "$BIN/preble-worker" --worker-id "gpu-$i" --model-dir "$MODEL_DIR" \
+  with_identity "worker-gpu-$i.env" "$BIN/preble-worker" --worker-id "gpu-$i" --model-dir "$MODEL_DIR" \
     --http-addr "127.0.0.1:$((9100 + i))" & pids+=($!)
 done
-as gateway.env "$BIN/preble-gateway" --model-dir "$MODEL_DIR" --http-addr 127.0.0.1:8000 & pids+=($!)
+with_identity gateway.env "$BIN/preble-gateway" --model-dir "$MODEL_DIR" --http-addr 127.0.0.1:8000 & pids+=($!)
 
 for _ in $(seq 1 100); do
   (exec 3<>/dev/tcp/127.0.0.1/8000) 2>/dev/null && break

@@ -7,7 +7,8 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, 
 pub struct Metrics {
     /// The registry `/metrics` renders.
     pub registry: Registry,
-    /// Requests by endpoint and HTTP status.
+    /// Requests by endpoint (`completions`, `chat`, `nats`) and HTTP status (the status a NATS
+    /// API answer would have had).
     pub requests: IntCounterVec,
     /// Requests being served.
     pub in_flight: IntGauge,
@@ -63,7 +64,7 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new(
                         "preble:http_requests_total",
-                        "HTTP requests by endpoint and status",
+                        "Requests by endpoint (completions, chat; nats for the NATS API) and HTTP status",
                     ),
                     &["endpoint", "status"],
                 )
