@@ -509,3 +509,76 @@ async fn a_digest_larger_than_its_worker_can_hold_is_refused() {
         c.logs()
     );
 }
+
+#[tokio::test]
+async fn a_worker_claiming_more_than_its_cache_holds_loses_its_picture() {
+    use preble_protocol::{Heartbeat, KvInserted, WorkerEvent, WorkerEventBody};
+    let c = TestCluster::start(Options {
+        workers: 0,
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let client = async_nats::connect(preble_tests::NATS_URL).await.unwrap();
+    let s = Subjects::new(&c.prefix);
+    let event = |seq: u64, body: WorkerEventBody| WorkerEvent {
+        v: preble_protocol::PROTOCOL_VERSION,
+        worker_id: "braggart".into(),
+        seq,
+        at_ms: 0,
+        body,
+    };
+    let beat = Heartbeat {
+        models: vec![c.model.clone()],
+        engine: "sim".into(),
+        profile: "a6000-mistral-7b".into(),
+        kv_capacity_tokens: 100,
+        period_ms: 100_000,
+    };
+    client
+        .publish(
+            s.events("braggart"),
+            encode(&event(1, WorkerEventBody::Heartbeat(beat))).into(),
+        )
+        .await
+        .unwrap();
+    // Well-formed spans, each true to its hash, 1,000 tokens in all: ten times its cache.
+    for i in 0..10u32 {
+        let tokens: Vec<u32> = (0..100).map(|t| i * 1000 + t).collect();
+        let span = KvInserted {
+            parent_hash: preble_prefix::ROOT_HASH,
+            path_hash: preble_prefix::path_hash(&tokens),
+            tokens,
+        };
+        client
+            .publish(
+                s.events("braggart"),
+                encode(&event(2 + u64::from(i), WorkerEventBody::KvInserted(span))).into(),
+            )
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let rejected = scrape(
+            &c.scheduler_metrics,
+            "preble:scheduler_rejected_events_total",
+        )
+        .await
+        .unwrap();
+        let tokens = scrape(&c.scheduler_metrics, "preble:scheduler_tree_tokens")
+            .await
+            .unwrap();
+        // The claims past twice its capacity were refused and its picture dropped.
+        if rejected >= 1.0 && tokens <= 200.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rejected {rejected}, tree tokens {tokens}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -171,6 +171,16 @@ async fn evictions_reach_the_scheduler_and_the_digest_matches_the_cache() {
         "the digest holds exactly the cached tokens"
     );
     assert!(total > 0 && total <= capacity);
+    // A real worker's events never read as lies, even with a cache small enough to evict.
+    assert_eq!(
+        scrape(
+            &cluster.scheduler_metrics,
+            "preble:scheduler_rejected_events_total"
+        )
+        .await
+        .unwrap(),
+        0.0
+    );
 }
 
 /// Runs the same concurrent requests on one worker with `worker_args`; returns each answer's

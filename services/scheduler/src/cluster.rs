@@ -27,6 +27,8 @@ pub struct WorkerState {
     pub leaving: bool,
     /// Its KV-cache capacity, tokens.
     pub kv_capacity_tokens: u64,
+    /// Tokens its cache events say it holds (inserted minus evicted since its last digest).
+    pub cached_tokens: u64,
 }
 
 /// A request dispatched to a worker and not yet finished.
@@ -109,6 +111,7 @@ impl Cluster {
                         last_seq: None,
                         leaving: false,
                         kv_capacity_tokens: beat.kv_capacity_tokens,
+                        cached_tokens: 0,
                     })
             }
             // Events of a worker we do not know (yet) count once its heartbeat arrives.
@@ -160,6 +163,28 @@ impl Cluster {
     /// Whether any live worker serves `model`.
     pub fn serves(&self, model: &str) -> bool {
         !self.eligible(model, &[]).is_empty()
+    }
+
+    /// Counts a change to what `worker`'s cache holds: `inserted` tokens cached, `evicted`
+    /// dropped. Returns false when the worker now claims more than twice its announced capacity
+    /// (a lie, beyond any reordering of one iteration's inserts and evictions: its picture must
+    /// be rebuilt from a digest).
+    pub fn cache_changed(&mut self, worker: &str, inserted: u64, evicted: u64) -> bool {
+        let Some(w) = self.workers.get_mut(worker) else {
+            return true;
+        };
+        w.cached_tokens = w
+            .cached_tokens
+            .saturating_add(inserted)
+            .saturating_sub(evicted);
+        w.cached_tokens <= w.kv_capacity_tokens.saturating_mul(2)
+    }
+
+    /// What `worker`'s cache holds, as its digest says.
+    pub fn cache_reset(&mut self, worker: &str, tokens: u64) {
+        if let Some(w) = self.workers.get_mut(worker) {
+            w.cached_tokens = tokens;
+        }
     }
 
     /// The KV-cache capacity `worker` announced, in tokens.
@@ -333,6 +358,32 @@ mod tests {
         c.refresh(back, Duration::from_secs(2));
         assert!(c.reap(back + Duration::from_millis(2_200)).is_empty());
         assert_eq!(c.reap(back + Duration::from_millis(2_400)).len(), 1);
+    }
+
+    #[test]
+    fn a_worker_claiming_more_than_its_capacity_is_caught() {
+        let t = Instant::now();
+        let mut c = Cluster::new(3);
+        c.observe(
+            &event(
+                "a",
+                0,
+                WorkerEventBody::Heartbeat(Heartbeat {
+                    kv_capacity_tokens: 100,
+                    period_ms: 100,
+                    ..Heartbeat::default()
+                }),
+            ),
+            t,
+        );
+        assert!(c.cache_changed("a", 150, 0));
+        assert!(c.cache_changed("a", 90, 40));
+        assert!(
+            !c.cache_changed("a", 20, 0),
+            "220 tokens in a 100-token cache"
+        );
+        c.cache_reset("a", 10);
+        assert!(c.cache_changed("a", 190, 0));
     }
 
     #[test]

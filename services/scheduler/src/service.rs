@@ -219,6 +219,26 @@ struct Router {
 /// their allowance of missed heartbeats starts (they reconnect in their own time).
 const RECONNECT_GRACE: Duration = Duration::from_secs(5);
 
+/// Why a worker's cache event was not taken.
+#[derive(Debug)]
+enum Lie {
+    /// The tree refused it (out of step, or a path hash that does not match its tokens).
+    Tree(TreeError),
+    /// The worker would hold more tokens than the capacity it announced.
+    OverCapacity,
+}
+
+impl std::fmt::Display for Lie {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Lie::Tree(e) => e.fmt(f),
+            Lie::OverCapacity => {
+                f.write_str("the worker claims more cached tokens than its announced capacity")
+            }
+        }
+    }
+}
+
 /// A worker's digest (or why it could not be had).
 struct DigestResult {
     worker: String,
@@ -486,10 +506,16 @@ impl Router {
                 .policy
                 .observe(&ClusterEvent::Released { worker, request_id });
         }
+        let applied = applied
+            .map_err(Lie::Tree)
+            .and_then(|()| self.within_capacity(&event));
         match applied {
             Ok(()) => self.persist_event(&event),
             Err(e) => {
-                if matches!(e, TreeError::HashMismatch { .. }) {
+                if matches!(
+                    e,
+                    Lie::Tree(TreeError::HashMismatch { .. }) | Lie::OverCapacity
+                ) {
                     self.metrics.rejected_events.inc();
                     warn!(%worker, error = %e, "lying cache event rejected; asking for a digest");
                 } else {
@@ -575,6 +601,7 @@ impl Router {
             }
         }
         let spans = applied;
+        self.cluster.cache_reset(worker, tokens as u64);
         info!(%worker, spans = spans.len(), tokens, "cache digest applied");
         if let Some(p) = &self.persistence {
             // A digest can be large: a snapshot records it more cheaply than its ops.
@@ -591,6 +618,28 @@ impl Router {
     }
 
     /// Appends a cache event the policy applied to the persisted op log.
+    /// Counts a cache event against its worker's announced capacity; a worker that claims to
+    /// hold more loses its picture (rebuilt from a digest, which is bounded by the capacity).
+    fn within_capacity(&mut self, event: &WorkerEvent) -> Result<(), Lie> {
+        let worker = event.worker_id.as_str();
+        let (inserted, evicted) = match &event.body {
+            WorkerEventBody::KvInserted(k) => (k.tokens.len() as u64, 0),
+            WorkerEventBody::KvEvicted(k) => (0, u64::from(k.num_tokens)),
+            _ => return Ok(()),
+        };
+        if self.cluster.cache_changed(worker, inserted, evicted) {
+            return Ok(());
+        }
+        self.cluster.cache_reset(worker, 0);
+        let _ = self.policy.observe(&ClusterEvent::CacheReset { worker });
+        if let Some(p) = &self.persistence {
+            p.record(StoredOp::Reset {
+                worker: worker.to_string(),
+            });
+        }
+        Err(Lie::OverCapacity)
+    }
+
     fn persist_event(&self, event: &WorkerEvent) {
         let Some(p) = &self.persistence else {
             return;
