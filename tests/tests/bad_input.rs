@@ -370,21 +370,17 @@ async fn stray_foreign_and_duplicate_stream_messages_do_not_change_what_the_clie
 
 #[tokio::test]
 async fn lying_and_anonymous_worker_events_leave_the_scheduler_routing() {
-    use preble_protocol::{KvInserted, WorkerEvent, WorkerEventBody};
+    use preble_protocol::{KvInserted, WorkerEventBody};
     let c = TestCluster::start(Options::default()).await.unwrap();
     let client = async_nats::connect(preble_tests::NATS_URL).await.unwrap();
     let s = Subjects::new(&c.prefix);
-    let tokens: Vec<u32> = (1..200).collect();
-    let lie = |worker: &str, seq: u64| WorkerEvent {
-        v: preble_protocol::PROTOCOL_VERSION,
-        worker_id: worker.into(),
-        seq,
-        at_ms: 0,
-        body: WorkerEventBody::KvInserted(KvInserted {
-            parent_hash: preble_prefix::ROOT_HASH,
-            path_hash: preble_prefix::path_hash(&tokens) ^ 0xdead,
-            tokens: tokens.clone(),
-        }),
+    let true_span = true_root_span(1);
+    let lie = |worker: &str, seq: u64| {
+        let forged = KvInserted {
+            path_hash: true_span.path_hash ^ 0xdead,
+            ..true_span.clone()
+        };
+        worker_event(worker, seq, WorkerEventBody::KvInserted(forged))
     };
     // A path hash that does not match its tokens, from a live worker (this once panicked a
     // debug scheduler), and the same from a worker that never announced itself.
@@ -436,7 +432,7 @@ async fn lying_and_anonymous_worker_events_leave_the_scheduler_routing() {
 
 #[tokio::test]
 async fn a_digest_larger_than_its_worker_can_hold_is_refused() {
-    use preble_protocol::{Digest, Heartbeat, KvInserted, WorkerEvent, WorkerEventBody};
+    use preble_protocol::{Digest, WorkerEventBody};
     let c = TestCluster::start(Options {
         workers: 0,
         ..Options::default()
@@ -445,28 +441,15 @@ async fn a_digest_larger_than_its_worker_can_hold_is_refused() {
     .unwrap();
     let client = async_nats::connect(preble_tests::NATS_URL).await.unwrap();
     let s = Subjects::new(&c.prefix);
-    let event = |seq: u64, body: WorkerEventBody| WorkerEvent {
-        v: preble_protocol::PROTOCOL_VERSION,
-        worker_id: "liar".into(),
-        seq,
-        at_ms: 0,
-        body,
-    };
+    let event = |seq: u64, body: WorkerEventBody| worker_event("liar", seq, body);
     // A worker that claims a 100-token cache, then answers its digest request with 5,000
     // tokens of spans that are each well-formed.
     let mut digests = client.subscribe(s.digest("liar")).await.unwrap();
     client.flush().await.unwrap();
-    let beat = Heartbeat {
-        models: vec![c.model.clone()],
-        engine: "sim".into(),
-        profile: "a6000-mistral-7b".into(),
-        kv_capacity_tokens: 100,
-        period_ms: 100_000,
-    };
     client
         .publish(
             s.events("liar"),
-            encode(&event(1, WorkerEventBody::Heartbeat(beat))).into(),
+            encode(&event(1, heartbeat_body(&c.model, 100, 100_000))).into(),
         )
         .await
         .unwrap();
@@ -474,16 +457,7 @@ async fn a_digest_larger_than_its_worker_can_hold_is_refused() {
         .await
         .expect("the scheduler asks for a digest")
         .unwrap();
-    let spans: Vec<KvInserted> = (0..50u32)
-        .map(|i| {
-            let tokens: Vec<u32> = (0..100).map(|t| i * 1000 + t).collect();
-            KvInserted {
-                parent_hash: preble_prefix::ROOT_HASH,
-                path_hash: preble_prefix::path_hash(&tokens),
-                tokens,
-            }
-        })
-        .collect();
+    let spans = (0..50u32).map(true_root_span).collect();
     let answer = event(2, WorkerEventBody::Digest(Digest { spans, more: false }));
     client
         .publish(asked.reply.unwrap(), encode(&answer).into())
@@ -512,7 +486,7 @@ async fn a_digest_larger_than_its_worker_can_hold_is_refused() {
 
 #[tokio::test]
 async fn a_worker_claiming_more_than_its_cache_holds_loses_its_picture() {
-    use preble_protocol::{Heartbeat, KvInserted, WorkerEvent, WorkerEventBody};
+    use preble_protocol::WorkerEventBody;
     let c = TestCluster::start(Options {
         workers: 0,
         ..Options::default()
@@ -521,35 +495,17 @@ async fn a_worker_claiming_more_than_its_cache_holds_loses_its_picture() {
     .unwrap();
     let client = async_nats::connect(preble_tests::NATS_URL).await.unwrap();
     let s = Subjects::new(&c.prefix);
-    let event = |seq: u64, body: WorkerEventBody| WorkerEvent {
-        v: preble_protocol::PROTOCOL_VERSION,
-        worker_id: "braggart".into(),
-        seq,
-        at_ms: 0,
-        body,
-    };
-    let beat = Heartbeat {
-        models: vec![c.model.clone()],
-        engine: "sim".into(),
-        profile: "a6000-mistral-7b".into(),
-        kv_capacity_tokens: 100,
-        period_ms: 100_000,
-    };
+    let event = |seq: u64, body: WorkerEventBody| worker_event("braggart", seq, body);
     client
         .publish(
             s.events("braggart"),
-            encode(&event(1, WorkerEventBody::Heartbeat(beat))).into(),
+            encode(&event(1, heartbeat_body(&c.model, 100, 100_000))).into(),
         )
         .await
         .unwrap();
     // Well-formed spans, each true to its hash, 1,000 tokens in all: ten times its cache.
     for i in 0..10u32 {
-        let tokens: Vec<u32> = (0..100).map(|t| i * 1000 + t).collect();
-        let span = KvInserted {
-            parent_hash: preble_prefix::ROOT_HASH,
-            path_hash: preble_prefix::path_hash(&tokens),
-            tokens,
-        };
+        let span = true_root_span(i);
         client
             .publish(
                 s.events("braggart"),

@@ -108,3 +108,43 @@ pub async fn nats_api_call(
         }
     }
 }
+
+/// A worker event as a (possibly forged) worker would publish it.
+pub fn worker_event(
+    worker: &str,
+    seq: u64,
+    body: preble_protocol::WorkerEventBody,
+) -> preble_protocol::WorkerEvent {
+    preble_protocol::WorkerEvent {
+        v: preble_protocol::PROTOCOL_VERSION,
+        worker_id: worker.into(),
+        seq,
+        at_ms: 0,
+        body,
+    }
+}
+
+/// A sim worker's heartbeat serving `model` with a cache of `kv_capacity_tokens`.
+pub fn heartbeat_body(
+    model: &str,
+    kv_capacity_tokens: u64,
+    period_ms: u64,
+) -> preble_protocol::WorkerEventBody {
+    preble_protocol::WorkerEventBody::Heartbeat(preble_protocol::Heartbeat {
+        models: vec![model.into()],
+        engine: "sim".into(),
+        profile: "a6000-mistral-7b".into(),
+        kv_capacity_tokens,
+        period_ms,
+    })
+}
+
+/// A cached span from the root, true to its hash: 100 tokens numbered from `i * 1000`.
+pub fn true_root_span(i: u32) -> preble_protocol::KvInserted {
+    let tokens: Vec<u32> = (0..100).map(|t| i * 1000 + t).collect();
+    preble_protocol::KvInserted {
+        parent_hash: preble_prefix::ROOT_HASH,
+        path_hash: preble_prefix::path_hash(&tokens),
+        tokens,
+    }
+}

@@ -9,9 +9,7 @@ use std::time::Duration;
 use common::*;
 use futures::StreamExt;
 use preble_protocol::roles::Role;
-use preble_protocol::{
-    Cancel, Heartbeat, PROTOCOL_VERSION, Subjects, WorkerEvent, WorkerEventBody, encode,
-};
+use preble_protocol::{Cancel, Subjects, encode};
 use preble_tests::{Options, TestCluster, scrape};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -81,20 +79,8 @@ async fn as_worker_zero(c: &TestCluster) -> (async_nats::Client, mpsc::Unbounded
     (client, rx)
 }
 
-fn heartbeat(worker: &str, seq: u64) -> WorkerEvent {
-    WorkerEvent {
-        v: PROTOCOL_VERSION,
-        worker_id: worker.into(),
-        seq,
-        at_ms: 0,
-        body: WorkerEventBody::Heartbeat(Heartbeat {
-            models: vec!["anything".into()],
-            engine: "sim".into(),
-            profile: "a6000-mistral-7b".into(),
-            kv_capacity_tokens: 1_000_000,
-            period_ms: 100,
-        }),
-    }
+fn heartbeat(worker: &str, seq: u64) -> preble_protocol::WorkerEvent {
+    worker_event(worker, seq, heartbeat_body("anything", 1_000_000, 100))
 }
 
 /// Waits until a permission error naming `subject` has arrived.
