@@ -83,7 +83,7 @@ enum Command {
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "e2,e2-paper,round-robin,least-load,cache-aware,kv-cost"
+            default_value = "e2,e2-paper,dynamo,sglang,round-robin,least-load,cache-aware,kv-cost"
         )]
         policies: Vec<PolicyKind>,
         #[command(flatten)]

@@ -41,6 +41,8 @@ fn colour(name: &str, index: usize) -> RGBColor {
         "least-load" => RGBColor(44, 160, 44),
         "cache-aware" => RGBColor(255, 127, 14),
         "kv-cost" => RGBColor(148, 103, 189),
+        "dynamo" => RGBColor(118, 185, 0),
+        "sglang" => RGBColor(23, 190, 207),
         _ => {
             let p = Palette99::pick(index).to_rgba();
             RGBColor(p.0, p.1, p.2)

@@ -19,8 +19,10 @@ pub struct Args {
     /// Subject prefix of the deployment.
     #[arg(long, env = "PREBLE_SUBJECT_PREFIX", default_value = preble_protocol::subjects::DEFAULT_PREFIX)]
     pub subject_prefix: String,
-    /// Routing policy: e2, e2-paper (the paper's public code, for comparison), cache-aware,
-    /// kv-cost, least-load or round-robin.
+    /// Routing policy: e2, e2-paper (the paper's public code, for comparison), dynamo (NVIDIA
+    /// Dynamo's KV router, its own code), sglang (the SGLang model gateway's cache-aware rule
+    /// on its own tree), cache-aware, kv-cost (our imitations of those two), least-load or
+    /// round-robin.
     #[arg(long, env = "PREBLE_POLICY", default_value = "e2")]
     pub policy: PolicyKind,
     /// Seed of the policy's random choices.
@@ -193,6 +195,7 @@ impl Config {
                 ..KvCostConfig::default()
             },
             seed: args.seed,
+            ..PolicySettings::default()
         };
         Ok(Config {
             nats: args.nats.config()?,

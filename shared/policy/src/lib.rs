@@ -9,17 +9,22 @@
 //!   of a node (windowed and running requests, last use); [`workers`]: worker sets;
 //!   [`mirror`]: the tree plus worker indices, fed by cluster events.
 //! - [`tiebreak`]: seeded random choice among equally good workers.
-//! - Policies: [`e2`] (Preble's), and the baselines [`cache_aware`] (SGLang router style),
-//!   [`kv_cost`] (Dynamo KV router style), [`least_load`], [`round_robin`]. [`PolicyKind`]
-//!   names them for flags.
+//! - Policies: [`e2`] (Preble's); the peers' own routing code as baselines, [`dynamo`] (NVIDIA
+//!   Dynamo's KV router, crate `dynamo-kv-router`, fed by [`dynamo_blocks`]) and [`sglang`]
+//!   (the SGLang model gateway's cache-aware policy on crate `kv-index`'s tree); our cheaper
+//!   imitations of them, [`cache_aware`] and [`kv_cost`]; and [`least_load`],
+//!   [`round_robin`]. [`PolicyKind`] names them for flags.
 
 pub mod cache_aware;
 pub mod decision;
+pub mod dynamo;
+pub mod dynamo_blocks;
 pub mod e2;
 pub mod kv_cost;
 pub mod least_load;
 pub mod mirror;
 pub mod round_robin;
+pub mod sglang;
 pub mod tiebreak;
 pub mod tree;
 pub mod usage;
@@ -28,11 +33,13 @@ pub mod workers;
 
 pub use cache_aware::{CacheAware, CacheAwareConfig};
 pub use decision::{Decision, DecisionKind, RouteError};
+pub use dynamo::{Dynamo, DynamoConfig};
 pub use e2::{E2, E2Config};
 pub use kv_cost::{KvCost, KvCostConfig};
 pub use least_load::LeastLoad;
 pub use mirror::ExportedSpan;
 pub use round_robin::RoundRobin;
+pub use sglang::{Sglang, SglangConfig};
 pub use tree::TreeError;
 pub use view::{ClusterEvent, ClusterView, RouteRequest, WorkerLoad, WorkerView};
 
@@ -88,6 +95,10 @@ pub enum PolicyKind {
     E2,
     /// [`E2`] as the paper's public code plays it ([`E2Config::paper`]), for comparisons.
     E2Paper,
+    /// [`Dynamo`]: NVIDIA Dynamo's KV router, on its own code.
+    Dynamo,
+    /// [`Sglang`]: the SGLang model gateway's cache-aware policy, on its own tree.
+    Sglang,
     /// [`CacheAware`].
     CacheAware,
     /// [`KvCost`].
@@ -101,8 +112,12 @@ pub enum PolicyKind {
 /// Every policy's settings, for [`PolicyKind::build`].
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PolicySettings {
-    /// E2's.
+    /// E2's (its cost profile also predicts prefill durations for [`Dynamo`]).
     pub e2: E2Config,
+    /// Dynamo's router's.
+    pub dynamo: DynamoConfig,
+    /// The SGLang gateway's.
+    pub sglang: SglangConfig,
     /// The cache-aware baseline's.
     pub cache_aware: CacheAwareConfig,
     /// The KV-cost baseline's.
@@ -113,9 +128,11 @@ pub struct PolicySettings {
 
 impl PolicyKind {
     /// Every policy name, for `--help` and error messages.
-    pub const NAMES: [&'static str; 6] = [
+    pub const NAMES: [&'static str; 8] = [
         "e2",
         "e2-paper",
+        "dynamo",
+        "sglang",
         "cache-aware",
         "kv-cost",
         "least-load",
@@ -127,6 +144,8 @@ impl PolicyKind {
         match self {
             PolicyKind::E2 => "e2",
             PolicyKind::E2Paper => "e2-paper",
+            PolicyKind::Dynamo => "dynamo",
+            PolicyKind::Sglang => "sglang",
             PolicyKind::CacheAware => "cache-aware",
             PolicyKind::KvCost => "kv-cost",
             PolicyKind::LeastLoad => "least-load",
@@ -148,6 +167,15 @@ impl PolicyKind {
                 }
                 .paper(),
             )),
+            PolicyKind::Dynamo => Box::new(Dynamo::new(DynamoConfig {
+                profile: settings.e2.profile.clone(),
+                seed: settings.seed,
+                ..settings.dynamo.clone()
+            })),
+            PolicyKind::Sglang => Box::new(Sglang::new(SglangConfig {
+                seed: settings.seed,
+                ..settings.sglang.clone()
+            })),
             PolicyKind::CacheAware => Box::new(CacheAware::new(CacheAwareConfig {
                 seed: settings.seed,
                 ..settings.cache_aware.clone()
@@ -169,6 +197,8 @@ impl std::str::FromStr for PolicyKind {
         [
             PolicyKind::E2,
             PolicyKind::E2Paper,
+            PolicyKind::Dynamo,
+            PolicyKind::Sglang,
             PolicyKind::CacheAware,
             PolicyKind::KvCost,
             PolicyKind::LeastLoad,

@@ -42,13 +42,18 @@ impl FromStr for LogFormat {
     }
 }
 
+/// The log filter when `RUST_LOG` is not set: `info`, except the Dynamo router's crate (the
+/// `dynamo` policy), which logs every routing decision at `info`.
+pub const DEFAULT_LOG_FILTER: &str = "info,dynamo_kv_router=warn";
+
 /// Installs the global tracing subscriber for `service`: logs filtered by `RUST_LOG` (default
-/// `info`), and spans exported over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+/// [`DEFAULT_LOG_FILTER`]), and spans exported over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
 /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set (see [`otlp`]). Keep the returned guard until
 /// the service ends: its [`otlp::TracingGuard::shutdown`] flushes the last spans. Calling it
 /// twice is harmless: the second call installs nothing.
 pub fn init_tracing(service: &str, format: LogFormat) -> otlp::TracingGuard {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
     let (export, guard) = match otlp::exporter_from_env(service) {
         Ok(Some((layer, guard))) => (Some(layer), guard),
         Ok(None) => (None, otlp::TracingGuard::default()),
