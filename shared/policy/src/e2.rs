@@ -49,7 +49,7 @@ use preble_costmodel::Profile;
 
 use crate::mirror::{DEFAULT_MAX_TREE_TOKENS, Mirror};
 use crate::tiebreak::{hash_str, mix64, softmax_pick};
-use crate::tree::{PrefixKey, TreeError};
+use crate::tree::{PrefixKey, TreeError, TreeMatch};
 use crate::workers::WorkerIdx;
 use crate::{ClusterEvent, ClusterView, Decision, DecisionKind, Policy, RouteError, RouteRequest};
 use rustc_hash::FxHashMap;
@@ -92,12 +92,9 @@ pub struct E2Config {
     pub rebalance_interval_ms: u64,
     /// Softmax temperature over normalised costs; 0 picks the minimum (ties at random).
     pub temperature: f64,
-    /// Behave as the paper's public code does, for comparisons (see [`E2Config::paper`]):
-    /// L's decode part sums every request routed in the window, explore leaves P out, an
-    /// overloaded holder is never passed over request by request (only subtree moves, which
-    /// may overshoot, and a moved prefix always follows its owner), replication needs only the
-    /// holder's own TTFT to double, and ties go to the first worker.
-    pub paper_code: bool,
+    /// The rules where preble departs from the paper's public code ([`Rules::PREBLE`]), or
+    /// that code's own ([`Rules::PAPER`], see [`E2Config::paper`]).
+    pub rules: Rules,
     /// Bound of the global tree, tokens.
     pub max_tree_tokens: u64,
     /// Output length assumed before any request finished.
@@ -121,7 +118,7 @@ impl Default for E2Config {
             subtree_rebalance: true,
             rebalance_interval_ms: 1_000,
             temperature: 0.0,
-            paper_code: false,
+            rules: Rules::PREBLE,
             max_tree_tokens: DEFAULT_MAX_TREE_TOKENS,
             prior_output_tokens: 128,
             profile: Profile::a6000_mistral_7b(),
@@ -130,14 +127,68 @@ impl Default for E2Config {
     }
 }
 
+/// L's decode part.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeLoad {
+    /// The decode time of the requests outstanding on the worker now (preble).
+    Outstanding,
+    /// The decode time of every request routed to it in the window (the paper's code).
+    RoutedInWindow,
+}
+
+/// Each rule in which preble's E2 departs from the paper's public code, so that one E2 plays
+/// either (the module documentation gives the reasons).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rules {
+    /// What L's decode part counts.
+    pub decode_load: DecodeLoad,
+    /// Explore weighs P, the request's own prefill on each worker (the paper's code leaves
+    /// it out).
+    pub explore_weighs_prefill: bool,
+    /// A holder (or a moved prefix's owner) whose load exceeds the rebalance threshold times
+    /// the lightest worker's, plus the request's own full prefill, is passed over request by
+    /// request (the paper's code only moves subtrees).
+    pub pass_over_overloaded: bool,
+    /// Subtree rebalancing skips a prefix whose stream alone would overshoot.
+    pub skip_overshooting_moves: bool,
+    /// Replication also needs the holder's recent TTFT above the request's own full prefill
+    /// and the replication ratio above the other workers' recent TTFT, and the replica's
+    /// total cost below the holder's (the paper's code: the holder's own TTFT doubling).
+    pub guarded_replication: bool,
+    /// Equal costs are broken at random (the paper's code takes the first worker).
+    pub random_ties: bool,
+}
+
+impl Rules {
+    /// Preble's E2.
+    pub const PREBLE: Rules = Rules {
+        decode_load: DecodeLoad::Outstanding,
+        explore_weighs_prefill: true,
+        pass_over_overloaded: true,
+        skip_overshooting_moves: true,
+        guarded_replication: true,
+        random_ties: true,
+    };
+
+    /// The paper's public code.
+    pub const PAPER: Rules = Rules {
+        decode_load: DecodeLoad::RoutedInWindow,
+        explore_weighs_prefill: false,
+        pass_over_overloaded: false,
+        skip_overshooting_moves: false,
+        guarded_replication: false,
+        random_ties: false,
+    };
+}
+
 impl E2Config {
     /// The paper's public code as closely as this policy can play it (the `e2-paper`
-    /// policy): [`E2Config::paper_code`], no queue term, no prefill/decode preference (the
-    /// code's hit-ratio rule is not reproduced), subtree rebalancing on. Everything else
-    /// (window, thresholds, the tree, M, the cost model) as in `self`.
+    /// policy): [`Rules::PAPER`], no queue term, no prefill/decode preference (the code's
+    /// hit-ratio rule is not reproduced), subtree rebalancing on. Everything else (window,
+    /// thresholds, the tree, M, the cost model) as in `self`.
     pub fn paper(self) -> Self {
         Self {
-            paper_code: true,
+            rules: Rules::PAPER,
             queue_weight: 0.0,
             decode_discount: 1.0,
             subtree_rebalance: true,
@@ -285,16 +336,25 @@ impl Terms {
     }
 }
 
+/// What one request costs wherever it goes.
+#[derive(Clone, Copy, Debug)]
+struct RequestCost {
+    prompt_len: u32,
+    /// Expected decode time (learned output length x time per output token).
+    decode_ms: f64,
+    /// Prefill time of the whole prompt with nothing cached.
+    full_prefill_ms: f64,
+}
+
 /// The terms as an exploring request weighs them: a prefill-heavy request prefers a worker
 /// whose load is mostly decoding (the paper's prefill/decode balance); holders are compared,
-/// and overload judged, on their whole load. `without_prefill`: P left out, as the paper's
-/// code does.
-fn explore_terms(terms: &[Terms], without_prefill: bool) -> Vec<Terms> {
+/// and overload judged, on their whole load. P is left out unless `weighs_prefill`.
+fn explore_terms(terms: &[Terms], weighs_prefill: bool) -> Vec<Terms> {
     terms
         .iter()
         .map(|t| Terms {
             load: t.load - t.decode_credit,
-            prefill: if without_prefill { 0.0 } else { t.prefill },
+            prefill: if weighs_prefill { t.prefill } else { 0.0 },
             ..*t
         })
         .collect()
@@ -404,7 +464,7 @@ impl E2 {
             // A prefix whose stream alone exceeds half the gap would only make the light
             // worker the heavy one.
             let carried = count * per_request;
-            if !self.config.paper_code
+            if self.config.rules.skip_overshooting_moves
                 && light.load + moved + carried > heavy.load - moved - carried
             {
                 continue;
@@ -482,7 +542,7 @@ impl E2 {
         let Some(&&first) = tied.first() else {
             return terms[0];
         };
-        if self.config.paper_code {
+        if !self.config.rules.random_ties {
             return first;
         }
         tied.get((draw % tied.len() as u64) as usize)
@@ -490,30 +550,28 @@ impl E2 {
     }
 }
 
-impl Policy for E2 {
-    fn name(&self) -> &'static str {
-        if self.config.paper_code {
-            "e2-paper"
-        } else {
-            "e2"
+impl E2 {
+    /// What the request costs wherever it goes: its expected decode and its full prefill.
+    fn request_cost(&self, request: &RouteRequest<'_>) -> RequestCost {
+        let prompt_len = request.prompt.len() as u32;
+        let (out_tokens, tpot) = self.estimates(request.max_tokens);
+        RequestCost {
+            prompt_len,
+            decode_ms: out_tokens * tpot,
+            full_prefill_ms: self.config.profile.prefill_ms(prompt_len.max(1), 0),
         }
     }
 
-    fn route(
+    /// Step 1, the cost terms of every eligible worker (with its id): L (queued prefill,
+    /// the window's prefill, the decode part the rules name), M and P.
+    fn cost_terms<'v>(
         &mut self,
-        cluster: &ClusterView<'_>,
+        cluster: &ClusterView<'v>,
         request: &RouteRequest<'_>,
-    ) -> Result<Decision, RouteError> {
-        if cluster.workers.is_empty() {
-            return Err(RouteError::NoEligibleWorker);
-        }
+        matched: &TreeMatch,
+        cost: &RequestCost,
+    ) -> Result<(Vec<Terms>, Vec<&'v str>), RouteError> {
         let now = request.now_ms;
-        let prompt_len = request.prompt.len() as u32;
-        let matched = self.mirror.tree.match_prefix(request.prompt);
-        let (out_tokens, tpot) = self.estimates(request.max_tokens);
-        let decode_ms = out_tokens * tpot;
-        let full_prefill = self.config.profile.prefill_ms(prompt_len.max(1), 0);
-        let paper = self.config.paper_code;
         let mut terms = Vec::with_capacity(cluster.workers.len());
         let mut ids = Vec::with_capacity(cluster.workers.len());
         for view in cluster.workers {
@@ -526,24 +584,21 @@ impl Policy for E2 {
                 self.config.profile.prefill_ms(queued, 0)
             };
             let window_ms = self.config.window_ms;
-            let decode_discount = self.config.decode_discount;
-            let queue_weight = self.config.queue_weight;
             let win = self.window(w);
             win.expire(now, window_ms);
             let prefill_load = win.prefill_ms.max(0.0);
             let window_requests = win.routed.len();
-            let cached = matched.len_for(w).min(prompt_len.saturating_sub(1));
-            let missed = prompt_len - cached;
-            let decode_load = if paper {
-                window_requests as f64 * decode_ms
-            } else {
-                f64::from(view.load.outstanding) * decode_ms
+            let cached = matched.len_for(w).min(cost.prompt_len.saturating_sub(1));
+            let missed = cost.prompt_len - cached;
+            let decode_load = match self.config.rules.decode_load {
+                DecodeLoad::Outstanding => f64::from(view.load.outstanding) * cost.decode_ms,
+                DecodeLoad::RoutedInWindow => window_requests as f64 * cost.decode_ms,
             };
-            let load = queue_weight * queue_ms + prefill_load + decode_load;
+            let load = self.config.queue_weight * queue_ms + prefill_load + decode_load;
             let prefill = self.config.profile.prefill_ms(missed.max(1), cached);
             // Prefill-heavy on this worker: what it would compute outweighs the decoding.
-            let decode_credit = if prefill > decode_ms && decode_load > prefill_load {
-                (1.0 - decode_discount) * decode_load
+            let decode_credit = if prefill > cost.decode_ms && decode_load > prefill_load {
+                (1.0 - self.config.decode_discount) * decode_load
             } else {
                 0.0
             };
@@ -563,88 +618,137 @@ impl Policy for E2 {
             });
             ids.push(view.id.as_str());
         }
-        self.rebalance_subtrees(&terms, now);
-        let owner = matched
-            .key
-            .and_then(|key| self.owners.get(&key.hash))
-            .and_then(|(owner, _)| terms.iter().find(|t| t.w == *owner))
-            .copied();
+        Ok((terms, ids))
+    }
+
+    /// Step 2, exploit or explore: exploit when the largest cached prefix is longer than the
+    /// rest of the prompt (going to a moved prefix's owner, else a holder, a replica or,
+    /// past an overloaded holder, an explore), otherwise explore.
+    fn choose(
+        &self,
+        terms: &[Terms],
+        matched: &TreeMatch,
+        request: &RouteRequest<'_>,
+        cost: &RequestCost,
+    ) -> (Terms, DecisionKind) {
         let best_cached = terms.iter().map(|t| t.cached).max().unwrap_or(0);
-        let exploit = best_cached > prompt_len - best_cached;
-        let lightest = terms.iter().map(|t| t.load).fold(f64::INFINITY, f64::min);
-        let warm = self.routed_total >= self.config.warmup_requests;
-        let overloaded = |t: &Terms| {
-            !paper && warm && t.load > self.config.rebalance_threshold * lightest + full_prefill
-        };
-        let owner = owner.filter(|o| exploit && !overloaded(o));
-        let (chosen, kind) = if let Some(owner) = owner {
+        if best_cached <= cost.prompt_len - best_cached {
+            return (self.explore(terms, request, 4), DecisionKind::Explore);
+        }
+        if let Some(owner) = self.moved_owner(terms, matched, cost) {
             let kind = if owner.cached == best_cached {
                 DecisionKind::Exploit
             } else {
                 DecisionKind::Rebalance
             };
-            (owner, kind)
-        } else if exploit {
-            let holders: Vec<Terms> = terms
-                .iter()
-                .filter(|t| t.cached == best_cached)
-                .map(|t| Terms {
-                    evict: 0.0,
-                    prefill: 0.0,
-                    ..*t
-                })
-                .collect();
-            let holder = self.pick(&holders, request.request_id, 1);
-            let overloaded = overloaded(&holder);
-            let hot = self.windows[usize::from(holder.w)].ttft_growing(
-                now,
+            return (owner, kind);
+        }
+        self.exploit(terms, best_cached, request, cost)
+    }
+
+    /// The worker a rebalancing step moved the request's prefix to, unless it is overloaded
+    /// now.
+    fn moved_owner(
+        &self,
+        terms: &[Terms],
+        matched: &TreeMatch,
+        cost: &RequestCost,
+    ) -> Option<Terms> {
+        matched
+            .key
+            .and_then(|key| self.owners.get(&key.hash))
+            .and_then(|(owner, _)| terms.iter().find(|t| t.w == *owner))
+            .copied()
+            .filter(|owner| !self.overloaded(owner, terms, cost))
+    }
+
+    /// Step 3, among the holders of the largest cached prefix: the least loaded one; an
+    /// explore instead when it is overloaded (per-request rebalancing); a replica when its
+    /// prefix is hot.
+    fn exploit(
+        &self,
+        terms: &[Terms],
+        best_cached: u32,
+        request: &RouteRequest<'_>,
+        cost: &RequestCost,
+    ) -> (Terms, DecisionKind) {
+        let holders: Vec<Terms> = terms
+            .iter()
+            .filter(|t| t.cached == best_cached)
+            .map(|t| Terms {
+                evict: 0.0,
+                prefill: 0.0,
+                ..*t
+            })
+            .collect();
+        let holder = self.pick(&holders, request.request_id, 1);
+        if self.overloaded(&holder, terms, cost) {
+            return (self.explore(terms, request, 2), DecisionKind::Rebalance);
+        }
+        let full = terms
+            .iter()
+            .find(|t| t.w == holder.w)
+            .copied()
+            .unwrap_or(holder);
+        match self.replica(&full, terms, best_cached, request, cost) {
+            Some(replica) => (replica, DecisionKind::Replicate),
+            None => (full, DecisionKind::Exploit),
+        }
+    }
+
+    /// Step 4, replication: a worker without the prefix, when the holder's prefix is hot (its
+    /// TTFT doubled over the window, and under [`Rules::guarded_replication`] also above the
+    /// request's own prefill and the other workers' TTFT, with the replica cheaper than
+    /// waiting at the holder: when every worker is busy, recomputing elsewhere only adds
+    /// work).
+    fn replica(
+        &self,
+        holder: &Terms,
+        terms: &[Terms],
+        best_cached: u32,
+        request: &RouteRequest<'_>,
+        cost: &RequestCost,
+    ) -> Option<Terms> {
+        let guarded = self.config.rules.guarded_replication;
+        let hot = self.windows.get(usize::from(holder.w)).is_some_and(|win| {
+            win.ttft_growing(
+                request.now_ms,
                 self.config.window_ms,
                 self.config.replicate_ttft_ratio,
                 self.config.replicate_min_samples,
-                if paper { 0.0 } else { full_prefill },
-            );
-            let hot = hot && (paper || self.hotter_than_the_rest(holder.w, &terms, now));
-            let others: Vec<Terms> = terms
-                .iter()
-                .filter(|t| t.cached < best_cached)
-                .copied()
-                .collect();
-            let full = terms
-                .iter()
-                .find(|t| t.w == holder.w)
-                .copied()
-                .unwrap_or(holder);
-            // A replica must cost less than waiting at the holder: when every worker is
-            // busy, recomputing the prefix elsewhere only adds work.
-            let replica = (hot && !others.is_empty())
-                .then(|| self.pick(&others, request.request_id, 3))
-                .filter(|r| paper || r.total() < full.total());
-            if overloaded {
-                (
-                    self.pick(&explore_terms(&terms, paper), request.request_id, 2),
-                    DecisionKind::Rebalance,
-                )
-            } else if let Some(replica) = replica {
-                (replica, DecisionKind::Replicate)
-            } else {
-                (full, DecisionKind::Exploit)
-            }
-        } else {
-            (
-                self.pick(&explore_terms(&terms, paper), request.request_id, 4),
-                DecisionKind::Explore,
+                if guarded { cost.full_prefill_ms } else { 0.0 },
             )
-        };
-        let position = terms
+        }) && (!guarded || self.hotter_than_the_rest(holder.w, terms, request.now_ms));
+        let others: Vec<Terms> = terms
             .iter()
-            .position(|t| t.w == chosen.w)
-            .ok_or(RouteError::NoEligibleWorker)?;
-        let worker = ids[position].to_string();
-        // What the request will really prefill there (an explore without P weighed it as 0).
-        let chosen = Terms {
-            prefill: terms[position].prefill,
-            ..chosen
-        };
+            .filter(|t| t.cached < best_cached)
+            .copied()
+            .collect();
+        (hot && !others.is_empty())
+            .then(|| self.pick(&others, request.request_id, 3))
+            .filter(|r| !guarded || r.total() < holder.total())
+    }
+
+    /// Explore: the worker of least L + M (+ P, under [`Rules::explore_weighs_prefill`]),
+    /// a prefill-heavy request crediting decode-heavy workers.
+    fn explore(&self, terms: &[Terms], request: &RouteRequest<'_>, salt: u64) -> Terms {
+        let weighed = explore_terms(terms, self.config.rules.explore_weighs_prefill);
+        self.pick(&weighed, request.request_id, salt)
+    }
+
+    /// Whether worker terms `t` are past the per-request rebalancing threshold (never before
+    /// the warm-up, nor without [`Rules::pass_over_overloaded`]).
+    fn overloaded(&self, t: &Terms, terms: &[Terms], cost: &RequestCost) -> bool {
+        let lightest = terms.iter().map(|t| t.load).fold(f64::INFINITY, f64::min);
+        self.config.rules.pass_over_overloaded
+            && self.routed_total >= self.config.warmup_requests
+            && t.load > self.config.rebalance_threshold * lightest + cost.full_prefill_ms
+    }
+
+    /// Step 5, record: the route in the tree, the request as running on its path (so M
+    /// never counts what it pins), and its prefill in the worker's window.
+    fn record(&mut self, request: &RouteRequest<'_>, chosen: &Terms) {
+        let now = request.now_ms;
         let path = self.mirror.tree.record_route(request.prompt, chosen.w, now);
         let request_hash = hash_str(request.request_id);
         if let Some((w, end)) = self.running.remove(&request_hash) {
@@ -661,13 +765,48 @@ impl Policy for E2 {
             key: path.and_then(|p| p.key),
         });
         self.routed_total += 1;
+    }
+}
+
+impl Policy for E2 {
+    fn name(&self) -> &'static str {
+        if self.config.rules == Rules::PAPER {
+            "e2-paper"
+        } else {
+            "e2"
+        }
+    }
+
+    fn route(
+        &mut self,
+        cluster: &ClusterView<'_>,
+        request: &RouteRequest<'_>,
+    ) -> Result<Decision, RouteError> {
+        if cluster.workers.is_empty() {
+            return Err(RouteError::NoEligibleWorker);
+        }
+        let matched = self.mirror.tree.match_prefix(request.prompt);
+        let cost = self.request_cost(request);
+        let (terms, ids) = self.cost_terms(cluster, request, &matched, &cost)?;
+        self.rebalance_subtrees(&terms, request.now_ms);
+        let (chosen, kind) = self.choose(&terms, &matched, request, &cost);
+        let position = terms
+            .iter()
+            .position(|t| t.w == chosen.w)
+            .ok_or(RouteError::NoEligibleWorker)?;
+        // What the request will really prefill there (an explore without P weighed it as 0).
+        let chosen = Terms {
+            prefill: terms[position].prefill,
+            ..chosen
+        };
+        self.record(request, &chosen);
         Ok(Decision {
-            worker,
+            worker: ids[position].to_string(),
             kind,
             cached_tokens: chosen.cached,
             reason: format!(
                 "cached={}/{} L={:.1}ms M={:.1}ms P={:.1}ms",
-                chosen.cached, prompt_len, chosen.load, chosen.evict, chosen.prefill
+                chosen.cached, cost.prompt_len, chosen.load, chosen.evict, chosen.prefill
             ),
         })
     }
