@@ -3,10 +3,14 @@
 //! mean prompt with 76% key portion), 50,000 requests routed back to back on one core, at 8,
 //! 64 and 256 workers, each released 100 requests later; the same with every worker caching
 //! what it is sent in a real radix cache (its events feeding the policy, so E2's eviction walk
-//! runs); and the global tree's memory per distinct token.
+//! runs and Dynamo's tree fills), E2 against the peers' own routers (`dynamo`, `sglang`), with
+//! each policy's memory per cached token (live heap bytes, counted by a global allocator); and
+//! the global tree's memory per distinct token.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::VecDeque;
 use std::hint::black_box;
+use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -16,6 +20,36 @@ use preble_policy::{
     WorkerLoad, WorkerView,
 };
 use preble_prefix::mix64;
+
+/// Counts live heap bytes, so a policy's memory is what it holds after a run.
+struct Counting;
+
+static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE_BYTES.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE_BYTES.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn live_bytes() -> isize {
+    LIVE_BYTES.load(Ordering::Relaxed)
+}
 
 const PREFIXES: u64 = 1_000;
 const PREFIX_TOKENS: u64 = 1_400;
@@ -50,6 +84,11 @@ struct Caches(Vec<RadixCache>);
 impl Caches {
     fn new(n: usize) -> Self {
         Self((0..n).map(|_| RadixCache::new(KV_CAPACITY)).collect())
+    }
+
+    /// Tokens cached over all workers (a prefix cached on two workers counts twice).
+    fn cached_tokens(&self) -> u64 {
+        self.0.iter().map(RadixCache::cached_tokens).sum()
     }
 
     fn serve(&mut self, policy: &mut dyn Policy, worker: &str, prompt: &[u32], now_ms: u64) {
@@ -154,8 +193,13 @@ fn report(name: &str, n: usize, mut latencies: Vec<Duration>) {
 fn throughput(_: &mut Criterion) {
     for n in [8, 64, 256] {
         let ws = workers(n);
-        for kind in [PolicyKind::E2, PolicyKind::CacheAware, PolicyKind::KvCost] {
-            if n != 8 && kind != PolicyKind::E2 {
+        for kind in [
+            PolicyKind::E2,
+            PolicyKind::Sglang,
+            PolicyKind::CacheAware,
+            PolicyKind::KvCost,
+        ] {
+            if n != 8 && !matches!(kind, PolicyKind::E2 | PolicyKind::Sglang) {
                 continue;
             }
             let mut policy = kind.build(&PolicySettings::default());
@@ -166,18 +210,45 @@ fn throughput(_: &mut Criterion) {
 }
 
 /// The same stream with every worker caching what it is sent: the tree holds real cache
-/// contents, full caches make E2 walk eviction orders.
+/// contents, full caches make E2 walk eviction orders, and Dynamo's tree learns from the
+/// caches' events as it would from vLLM's. After each run: the policy's live heap bytes per
+/// token cached over all workers.
 fn throughput_with_caches(_: &mut Criterion) {
-    for n in [8, 64] {
+    for n in [8, 64, 256] {
         let ws = workers(n);
-        for kind in [PolicyKind::E2, PolicyKind::CacheAware, PolicyKind::KvCost] {
-            if n != 8 && kind != PolicyKind::E2 {
+        for kind in [
+            PolicyKind::E2,
+            PolicyKind::Dynamo,
+            PolicyKind::Sglang,
+            PolicyKind::CacheAware,
+            PolicyKind::KvCost,
+        ] {
+            if n != 8
+                && !matches!(
+                    kind,
+                    PolicyKind::E2 | PolicyKind::Dynamo | PolicyKind::Sglang
+                )
+            {
                 continue;
             }
+            let before = live_bytes();
             let mut policy = kind.build(&PolicySettings::default());
             let mut caches = Caches::new(n);
             let (latencies, evicting) = run(policy.as_mut(), &ws, Some(&mut caches));
             report(&format!("{}+caches", policy.name()), n, latencies);
+            let cached = caches.cached_tokens();
+            drop(caches);
+            let policy_bytes = live_bytes() - before;
+            let tree = policy.tree_size().unwrap_or_default();
+            eprintln!(
+                "{:>16} memory: {:.1} MB, {:.1} bytes per cached token ({} tokens cached on the \
+                 workers; the policy's tree counts {})",
+                "",
+                policy_bytes as f64 / 1e6,
+                policy_bytes as f64 / cached.max(1) as f64,
+                cached,
+                tree.tokens
+            );
             if kind == PolicyKind::E2 {
                 eprintln!(
                     "{:>16} decisions charged an eviction cost (M > 0)",
