@@ -28,6 +28,16 @@ SWEEPS=(
   "mixed-4xa6000|4xA6000-mistral7b|mixed|10000|1,2,3|"
 )
 
+# Public traces at their own arrival times (one `sim` per policy, merged into one summary):
+# name | cluster | workload | arrivals | time scale | requests
+TRACES=(
+  "mooncake-16xa100|16xa100-mistral-7b|mooncake:../shared/traces/mooncake_conversation_trace.jsonl||1|20000"
+  "mooncake-32xa100|32xa100-mistral-7b|mooncake:../shared/traces/mooncake_conversation_trace.jsonl||1|20000"
+  "toolbench-azure-code-4xa6000|4xA6000-mistral7b|toolbench|azure:../shared/traces/AzureLLMInferenceTrace_code_2023.csv|0.15|8819"
+  "videoqa-azure-conv-4xa6000|4xA6000-mistral7b|videoqa|azure:../shared/traces/AzureLLMInferenceTrace_conv_2023.csv|2|3000"
+)
+POLICIES=(e2 e2-paper dynamo sglang round-robin least-load cache-aware kv-cost)
+
 wanted=("$@")
 for sweep in "${SWEEPS[@]}"; do
   IFS='|' read -r name cluster workload requests rates extra <<<"$sweep"
@@ -43,4 +53,20 @@ for sweep in "${SWEEPS[@]}"; do
   for f in "$OUT/$name"/latency-vs-rate-*.svg; do
     [ -f "$f" ] && cp "$f" "loadtest/benchmarks/latency-vs-rate-$name.svg"
   done
+done
+
+for trace in "${TRACES[@]}"; do
+  IFS='|' read -r name cluster workload arrivals scale requests <<<"$trace"
+  if [ ${#wanted[@]} -gt 0 ] && [[ ! " ${wanted[*]} " =~ " ${name} " ]]; then
+    continue
+  fi
+  echo "== $name: $workload on $cluster${arrivals:+ at the arrivals of $arrivals x $scale}" >&2
+  for policy in "${POLICIES[@]}"; do
+    flags=(--workload "$workload" --requests "$requests" --cluster "$cluster" --policy "$policy"
+      --out "$OUT/$name/$policy")
+    [ -n "$arrivals" ] && flags+=(--arrivals "$arrivals" --time-scale "$scale")
+    "$BIN" sim "${flags[@]}" 2>&1 | grep -E "^[a-z_]+ +[a-z0-9-]+ +[0-9.]+ " >&2
+  done
+  python3 -c 'import json,sys; print(json.dumps({"summaries": [json.load(open(f"{sys.argv[1]}/{p}/summary.json")) for p in sys.argv[2:]]}))' \
+    "$OUT/$name" "${POLICIES[@]}" >"$OUT/$name/summary.json"
 done
