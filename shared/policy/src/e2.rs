@@ -9,13 +9,21 @@
 //! Costs are milliseconds from `preble-costmodel`:
 //! - L (load): the estimated prefill time of the requests routed to the worker in the window
 //!   (default 3 minutes), plus the decode time (learned output length x time per output token)
-//!   of the requests outstanding on it now, plus the prefill time of the tokens queued on it
-//!   at its last load report. The paper sums the decode time of every request in the window
+//!   of the requests outstanding on it now, plus its queue: the larger of the prefill queued
+//!   at its last load report and the prefill booked on it since and not yet drained at the
+//!   cost model's speed. The paper sums the decode time of every request in the window
 //!   instead. That sum counts requests that finished minutes ago and grows with the number of
 //!   requests, not with how busy the worker is (decodes run batched). In simulation it stayed
 //!   equal across workers while their queues differed six-fold, and E2 trailed cache-aware
 //!   routing under overload (BENCHMARKS.md). The queue term matters with few, long requests:
 //!   the window balances work over minutes, while a request waits behind what is queued now.
+//! - An exploring request counts the window's prefill as a rate over its own expected lifetime
+//!   (recent median TTFT plus its decode): the work that will arrive beside it, not the
+//!   minutes of work already done. With long, uneven prompts (the Mooncake trace, loogle and
+//!   videoqa at low rates) the whole window's sums differ between workers by long requests
+//!   that finished minutes ago and swamp what is queued now. Holders, the overload tests and
+//!   subtree moves keep the whole window: it is what keeps a hot prefix from flapping between
+//!   workers near saturation.
 //! - M (eviction), as in the paper: when the request's missed tokens do not fit beside what
 //!   the worker holds, walk its cache in eviction order (least recently used first, skipping
 //!   nodes a running request uses and the request's own path) until they fit; each node it
@@ -95,6 +103,7 @@ pub struct E2Config {
     /// The rules where preble departs from the paper's public code ([`Rules::PREBLE`]), or
     /// that code's own ([`Rules::PAPER`], see [`E2Config::paper`]).
     pub rules: Rules,
+
     /// Bound of the global tree, tokens.
     pub max_tree_tokens: u64,
     /// Output length assumed before any request finished.
@@ -119,6 +128,7 @@ impl Default for E2Config {
             rebalance_interval_ms: 1_000,
             temperature: 0.0,
             rules: Rules::PREBLE,
+
             max_tree_tokens: DEFAULT_MAX_TREE_TOKENS,
             prior_output_tokens: 128,
             profile: Profile::a6000_mistral_7b(),
@@ -145,6 +155,17 @@ pub struct Rules {
     /// Explore weighs P, the request's own prefill on each worker (the paper's code leaves
     /// it out).
     pub explore_weighs_prefill: bool,
+    /// Explore counts a worker's window prefill as a rate over the request's expected
+    /// lifetime (recent median TTFT plus its own decode): the work that will arrive beside
+    /// it while it runs, not the minutes of work already done (the paper's code counts the
+    /// whole window everywhere). Holders, the overload tests and subtree moves keep the
+    /// whole window.
+    pub explore_window_as_rate: bool,
+    /// The queue term is the larger of the prefill queued at the worker's last load report
+    /// and the prefill booked on it since and not yet drained at the cost model's speed
+    /// (the report is up to one period old, so a burst would otherwise herd onto one
+    /// worker).
+    pub booked_backlog: bool,
     /// A holder (or a moved prefix's owner) whose load exceeds the rebalance threshold times
     /// the lightest worker's, plus the request's own full prefill, is passed over request by
     /// request (the paper's code only moves subtrees).
@@ -164,6 +185,8 @@ impl Rules {
     pub const PREBLE: Rules = Rules {
         decode_load: DecodeLoad::Outstanding,
         explore_weighs_prefill: true,
+        explore_window_as_rate: true,
+        booked_backlog: true,
         pass_over_overloaded: true,
         skip_overshooting_moves: true,
         guarded_replication: true,
@@ -174,6 +197,8 @@ impl Rules {
     pub const PAPER: Rules = Rules {
         decode_load: DecodeLoad::RoutedInWindow,
         explore_weighs_prefill: false,
+        explore_window_as_rate: false,
+        booked_backlog: false,
         pass_over_overloaded: false,
         skip_overshooting_moves: false,
         guarded_replication: false,
@@ -211,6 +236,8 @@ struct WorkerWindow {
     routed: VecDeque<Routed>,
     prefill_ms: f64,
     ttft: VecDeque<(u64, f64)>,
+    /// When the prefill booked here would be done if the worker did nothing else, ms.
+    booked_until_ms: f64,
 }
 
 impl WorkerWindow {
@@ -307,6 +334,7 @@ pub struct E2 {
     windows: Vec<WorkerWindow>,
     tpot: RecentMedian,
     output: RecentMedian,
+    ttft: RecentMedian,
     routed_total: u64,
     prior_tpot_ms: f64,
     /// Prefixes (by key-portion hash) whose requests go to a given worker since a rebalancing
@@ -326,6 +354,9 @@ struct Terms {
     load: f64,
     /// What an exploring prefill-heavy request takes off L on a decode-dominated worker.
     decode_credit: f64,
+    /// What an exploring request takes off L's window part
+    /// ([`Rules::explore_window_as_rate`]).
+    window_credit: f64,
     evict: f64,
     prefill: f64,
 }
@@ -344,6 +375,9 @@ struct RequestCost {
     decode_ms: f64,
     /// Prefill time of the whole prompt with nothing cached.
     full_prefill_ms: f64,
+    /// Share of a worker's window prefill an exploring request counts
+    /// ([`Rules::explore_window_as_rate`]).
+    explore_window_share: f64,
 }
 
 /// The terms as an exploring request weighs them: a prefill-heavy request prefers a worker
@@ -353,7 +387,7 @@ fn explore_terms(terms: &[Terms], weighs_prefill: bool) -> Vec<Terms> {
     terms
         .iter()
         .map(|t| Terms {
-            load: t.load - t.decode_credit,
+            load: t.load - t.decode_credit - t.window_credit,
             prefill: if weighs_prefill { t.prefill } else { 0.0 },
             ..*t
         })
@@ -372,6 +406,7 @@ impl E2 {
             windows: Vec::new(),
             tpot: RecentMedian::default(),
             output: RecentMedian::default(),
+            ttft: RecentMedian::default(),
             routed_total: 0,
             prior_tpot_ms,
             owners: FxHashMap::default(),
@@ -555,10 +590,19 @@ impl E2 {
     fn request_cost(&self, request: &RouteRequest<'_>) -> RequestCost {
         let prompt_len = request.prompt.len() as u32;
         let (out_tokens, tpot) = self.estimates(request.max_tokens);
+        let decode_ms = out_tokens * tpot;
+        let full_prefill_ms = self.config.profile.prefill_ms(prompt_len.max(1), 0);
+        let explore_window_share = if self.config.rules.explore_window_as_rate {
+            let lifetime = self.ttft.median.unwrap_or(full_prefill_ms) + decode_ms;
+            (lifetime / self.config.window_ms.max(1) as f64).min(1.0)
+        } else {
+            1.0
+        };
         RequestCost {
             prompt_len,
-            decode_ms: out_tokens * tpot,
-            full_prefill_ms: self.config.profile.prefill_ms(prompt_len.max(1), 0),
+            decode_ms,
+            full_prefill_ms,
+            explore_window_share,
         }
     }
 
@@ -584,9 +628,16 @@ impl E2 {
                 self.config.profile.prefill_ms(queued, 0)
             };
             let window_ms = self.config.window_ms;
+            let booked_backlog = self.config.rules.booked_backlog;
             let win = self.window(w);
             win.expire(now, window_ms);
+            let queue_ms = if booked_backlog {
+                queue_ms.max(win.booked_until_ms - now as f64)
+            } else {
+                queue_ms
+            };
             let prefill_load = win.prefill_ms.max(0.0);
+            let window_credit = prefill_load * (1.0 - cost.explore_window_share);
             let window_requests = win.routed.len();
             let cached = matched.len_for(w).min(cost.prompt_len.saturating_sub(1));
             let missed = cost.prompt_len - cached;
@@ -613,6 +664,7 @@ impl E2 {
                 cached,
                 load,
                 decode_credit,
+                window_credit,
                 evict,
                 prefill,
             });
@@ -759,7 +811,9 @@ impl E2 {
             self.mirror.tree.begin_request(path.end_hash, chosen.w);
             self.running.insert(request_hash, (chosen.w, path.end_hash));
         }
-        self.window(chosen.w).push(Routed {
+        let win = self.window(chosen.w);
+        win.booked_until_ms = win.booked_until_ms.max(now as f64) + chosen.prefill;
+        win.push(Routed {
             at_ms: now,
             prefill_ms: chosen.prefill,
             key: path.and_then(|p| p.key),
@@ -837,6 +891,9 @@ impl Policy for E2 {
             self.output.push(f64::from(output_tokens));
             if tpot_ms > 0.0 && plausible(tpot_ms) {
                 self.tpot.push(tpot_ms);
+            }
+            if plausible(ttft_ms) {
+                self.ttft.push(ttft_ms);
             }
             if plausible(ttft_ms)
                 && let Some(w) = self.mirror.known(worker)

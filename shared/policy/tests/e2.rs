@@ -535,17 +535,71 @@ mod worked_examples {
                 (d.worker.as_str(), d.kind),
                 ("gpu-0", DecisionKind::Explore)
             );
-            let window_prefill = 2.0 * prefill(500, 0) + 2.0 * prefill(1, 499);
+            // L is the explore-weighted load (the queue of prefill booked at 0..4 ms and still
+            // draining, plus the window as a rate); this test is about M.
             let evict = prefill(500, 0) * share;
-            assert_eq!(
-                d.reason,
-                format!(
-                    "cached=0/500 L={window_prefill:.1}ms M={evict:.1}ms P={:.1}ms",
-                    prefill(500, 0)
-                ),
-                "a running: {a_running}"
+            let terms = format!(" M={evict:.1}ms P={:.1}ms", prefill(500, 0));
+            assert!(
+                d.reason.starts_with("cached=0/500 L=") && d.reason.ends_with(&terms),
+                "a running: {a_running}: {} should end with {terms}",
+                d.reason
             );
         }
+    }
+
+    #[test]
+    fn an_exploring_request_goes_where_the_work_is_now_not_where_it_was_minutes_ago() {
+        // gpu-0 prefilled ten long prompts two minutes ago, all finished; gpu-1 was given one
+        // a moment ago and is still prefilling it. A new unrelated prompt explores to the idle
+        // gpu-0. The paper's code, counting the whole window's work, queues it behind gpu-1.
+        let ws = workers(2);
+        for (config, want) in [
+            (E2Config::default(), "gpu-0"),
+            (E2Config::default().paper(), "gpu-1"),
+        ] {
+            let mut e2 = E2::new(config);
+            for i in 0..10u32 {
+                let old = prompt(60 + i, 4_000, 0, 0);
+                serve(
+                    &mut e2,
+                    &ws[..1],
+                    &format!("old{i}"),
+                    &old,
+                    u64::from(i) * 100,
+                    false,
+                );
+            }
+            serve(
+                &mut e2,
+                &ws[1..],
+                "busy",
+                &prompt(80, 4_000, 0, 0),
+                120_000,
+                true,
+            );
+            let d = route(&mut e2, &ws, "new", &prompt(81, 4_000, 0, 0), 120_010);
+            assert_eq!(
+                (d.worker.as_str(), d.kind),
+                (want, DecisionKind::Explore),
+                "{d:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_burst_spreads_before_the_next_load_report_arrives() {
+        // At the last load report gpu-0 was idle and the others had 1,000 tokens queued. Two
+        // long unrelated prompts arrive in the same millisecond: the first goes to gpu-0, and
+        // the prefill booked there keeps the second off it, though the report still says idle.
+        let mut ws = workers(4);
+        for w in &mut ws[1..] {
+            w.load.reported_prefill_tokens = 1_000;
+        }
+        let mut e2 = E2::new(E2Config::default());
+        let first = route(&mut e2, &ws, "b0", &prompt(90, 4_000, 0, 0), 5);
+        let second = route(&mut e2, &ws, "b1", &prompt(91, 4_000, 0, 0), 5);
+        assert_eq!(first.worker, "gpu-0", "{first:?}");
+        assert_ne!(second.worker, "gpu-0", "{second:?}");
     }
 
     #[test]
