@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Headline tables of scripts/bench-peers.sh: for each sweep, the highest rate where
 round-robin still keeps up (throughput >= 0.9x offered), E2's average / p99 latency and TTFT,
-and every other policy's over E2's (above 1: E2 is faster). `--all` prints every rate, E2
+every other policy's over E2's (above 1: E2 is faster), and E2's latency over the lower bound
+(its headroom; runs made before the bound existed show -). `--all` prints every rate, E2
 against dynamo and sglang, flagging the rows where E2 is not ahead.
 
 Usage: scripts/peers_table.py [--all] REPORT_DIR (default loadtest-report/peers)"""
@@ -33,8 +34,8 @@ def ratio(other, e2, field):
 
 def headline(report: Path):
     cols = " | ".join(f"vs {o}" for o in OTHERS)
-    print(f"| sweep | rate | E2 avg / p99 (s) | E2 TTFT avg (s) | {cols} | TTFT vs dynamo / sglang |")
-    print("|" + "---|" * (5 + len(OTHERS)))
+    print(f"| sweep | rate | E2 avg / p99 (s) | E2 TTFT avg (s) | {cols} | TTFT vs dynamo / sglang | E2 headroom |")
+    print("|" + "---|" * (6 + len(OTHERS)))
     for name, by_rate in load(report):
         rates = [r for r, p in sorted(by_rate.items()) if "round-robin" in p and keeps_up(p["round-robin"])]
         if not rates:
@@ -53,9 +54,11 @@ def headline(report: Path):
         ttft = " / ".join(
             f"{ratio(pols[o], e2, 'ttft_ms')[0]:.2f}x" if o in pols else "-" for o in ("dynamo", "sglang")
         )
+        room = e2.get("headroom")
+        room = f"{room['avg']:.2f}x / {room['p99']:.2f}x" if room else "-"
         print(
             f"| {name} | {rate:g} | {e2['latency_ms']['mean']/1e3:.2f} / {e2['latency_ms']['p99']/1e3:.2f} "
-            f"| {e2['ttft_ms']['mean']/1e3:.2f} | " + " | ".join(cells) + f" | {ttft} |"
+            f"| {e2['ttft_ms']['mean']/1e3:.2f} | " + " | ".join(cells) + f" | {ttft} | {room} |"
         )
 
 

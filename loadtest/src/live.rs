@@ -174,6 +174,7 @@ pub async fn run(
             worker: None,
             decision: None,
             error: outcome.error,
+            lower_bound_ms: None,
         });
     }
     Ok(RunResult {

@@ -137,3 +137,43 @@ fn e2_beats_round_robin_near_saturation_on_tool_use() {
     let ratio = &ratios(&summaries)[0];
     assert!(ratio.avg > 1.2 && ratio.p99 > 1.5, "{ratio:?}");
 }
+
+/// No policy's run of any request beats its lower bound (the request alone on an idle unit,
+/// with everything it shares with any other request of the run cached), on both clusters, at
+/// loads that queue; and the bound is not vacuous: at a trickle E2 comes close to it.
+#[test]
+fn no_policy_beats_the_lower_bound() {
+    for cluster in ["4xA6000-mistral7b", "8xH100-llama3-70b"] {
+        for (kind, n, rate) in [(Kind::Mixed, 150, 6.0), (Kind::ToolBench, 300, 40.0)] {
+            let requests = timed(kind, n, rate);
+            for name in PolicyKind::NAMES {
+                let policy: PolicyKind = name.parse().unwrap();
+                let config = SimConfig::new(cluster.parse().unwrap(), policy);
+                let (run, _) = simulate(&requests, &config, &mut |_| {});
+                for r in &run.records {
+                    let (Some(latency), Some(bound)) = (r.latency_ms(), r.lower_bound_ms) else {
+                        panic!("{cluster} {name}: a finished request with a bound: {r:?}");
+                    };
+                    assert!(
+                        latency >= bound * (1.0 - 1e-9),
+                        "{cluster} {name}: request {} took {latency} ms, under its bound {bound}",
+                        r.id
+                    );
+                }
+            }
+        }
+    }
+    let requests = timed(Kind::ToolBench, 100, 0.2);
+    let (run, _) = simulate(
+        &requests,
+        &SimConfig::new(cluster(), PolicyKind::E2),
+        &mut |_| {},
+    );
+    let headroom = Summary::of(&run, Judging::default())
+        .headroom
+        .expect("simulated runs carry bounds");
+    assert!(
+        (1.0..1.5).contains(&headroom.avg),
+        "at a trickle E2 is near the bound: {headroom:?}"
+    );
+}

@@ -54,6 +54,8 @@ pub fn write_summaries_csv(path: &Path, summaries: &[Summary]) -> Result<(), Wri
         "slo_ms",
         "prefix_hit_ratio",
         "load_spread",
+        "headroom_avg",
+        "headroom_p99",
         "decisions",
     ])
     .map_err(|e| error(path, e))?;
@@ -89,6 +91,15 @@ pub fn write_summaries_csv(path: &Path, summaries: &[Summary]) -> Result<(), Wri
         .map(|v| format!("{v}"));
         let mut row = vec![s.mode.clone(), s.workload.clone(), s.policy.clone()];
         row.extend(numbers);
+        // Empty where the run has no lower bound (live runs).
+        row.push(
+            s.headroom
+                .map_or_else(String::new, |h| format!("{}", h.avg)),
+        );
+        row.push(
+            s.headroom
+                .map_or_else(String::new, |h| format!("{}", h.p99)),
+        );
         row.push(decisions);
         w.write_record(&row).map_err(|e| error(path, e))?;
     }

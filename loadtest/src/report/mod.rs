@@ -37,6 +37,10 @@ pub struct RequestRecord {
     pub decision: Option<String>,
     /// Why it failed, when it did.
     pub error: Option<String>,
+    /// The least latency any policy could have given it, milliseconds (simulator only; see
+    /// `sim::bound`).
+    #[serde(default)]
+    pub lower_bound_ms: Option<f64>,
 }
 
 impl RequestRecord {
@@ -196,6 +200,34 @@ pub struct Summary {
     pub load_spread: f64,
     /// Decisions by kind.
     pub decisions: BTreeMap<String, usize>,
+    /// Headroom: average latency over the average of the completed requests' lower bounds,
+    /// and p99 over their p99 (1 would be the best any policy could do; simulator only).
+    #[serde(default)]
+    pub headroom: Option<Headroom>,
+}
+
+/// How far a run is from the best any policy could do on the same requests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Headroom {
+    /// Average latency over the average lower bound.
+    pub avg: f64,
+    /// p99 latency over the p99 lower bound.
+    pub p99: f64,
+}
+
+impl Headroom {
+    /// Of the completed records `done` that carry a lower bound (`None` when none does).
+    fn of(done: &[&RequestRecord], latency: &Percentiles) -> Option<Self> {
+        let bounds: Vec<f64> = done.iter().filter_map(|r| r.lower_bound_ms).collect();
+        if bounds.is_empty() || bounds.len() < done.len() {
+            return None;
+        }
+        let bound = Percentiles::of(bounds.into_iter());
+        (bound.mean > 0.0 && bound.p99 > 0.0).then(|| Self {
+            avg: latency.mean / bound.mean,
+            p99: latency.p99 / bound.p99,
+        })
+    }
 }
 
 /// How a run is judged.
@@ -275,7 +307,9 @@ impl Summary {
             let min = per_worker.iter().copied().min().unwrap_or(0) as f64;
             if mean > 0.0 { (max - min) / mean } else { 0.0 }
         };
+        let latency_ms = Percentiles::of(done.iter().filter_map(|r| r.latency_ms()));
         Self {
+            headroom: Headroom::of(&done, &latency_ms),
             mode: run.mode.clone(),
             workload: run.workload.clone(),
             policy: run.policy.clone(),
@@ -285,7 +319,7 @@ impl Summary {
             errors,
             refused,
             timed_out,
-            latency_ms: Percentiles::of(done.iter().filter_map(|r| r.latency_ms())),
+            latency_ms,
             ttft_ms: Percentiles::of(done.iter().filter_map(|r| r.ttft_ms())),
             tpot_ms: Percentiles::of(done.iter().filter_map(|r| r.tpot_ms())),
             throughput_rps: done.len() as f64 / span_s,
@@ -323,6 +357,7 @@ mod tests {
             worker: Some((id % 2) as u32),
             decision: Some("explore".into()),
             error: None,
+            lower_bound_ms: Some((end - sent) / 2.0),
         }
     }
 
@@ -367,5 +402,14 @@ mod tests {
         );
         assert!((s.prefix_hit_ratio - 0.5).abs() < 1e-9);
         assert_eq!(s.decisions["explore"], 3);
+        // Every bound is half its request's latency: twice the best possible.
+        let headroom = s.headroom.expect("every completed record has a bound");
+        assert!((headroom.avg - 2.0).abs() < 1e-9, "{headroom:?}");
+        assert!((headroom.p99 - 2.0).abs() < 0.01, "{headroom:?}");
+        // A run without bounds (live) has no headroom.
+        for r in &mut run.records {
+            r.lower_bound_ms = None;
+        }
+        assert_eq!(Summary::of(&run, Judging::default()).headroom, None);
     }
 }

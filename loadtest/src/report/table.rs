@@ -5,12 +5,12 @@ use std::fmt::Write;
 use super::Summary;
 
 /// One row per summary: latency, TTFT, TPOT, throughput, goodput, hit ratio, spread, errors,
-/// refusals, timeouts.
+/// refusals, timeouts, headroom over the lower bound (average / p99, simulator only).
 pub fn render(summaries: &[Summary]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<10} {:<12} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>6} {:>6} {:>5} {:>5} {:>5}  decisions",
+        "{:<10} {:<12} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>6} {:>6} {:>5} {:>5} {:>5} {:>11}  decisions",
         "workload",
         "policy",
         "rate",
@@ -27,6 +27,7 @@ pub fn render(summaries: &[Summary]) -> String {
         "err",
         "refus",
         "t/o",
+        "headroom",
     );
     for s in summaries {
         let decisions = s
@@ -37,7 +38,7 @@ pub fn render(summaries: &[Summary]) -> String {
             .join(" ");
         let _ = writeln!(
             out,
-            "{:<10} {:<12} {:>7.2} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>8.1} {:>8.2} {:>8.2} {:>6.1} {:>6.2} {:>5} {:>5} {:>5}  {}",
+            "{:<10} {:<12} {:>7.2} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>8.1} {:>8.2} {:>8.2} {:>6.1} {:>6.2} {:>5} {:>5} {:>5} {:>11}  {}",
             s.workload,
             s.policy,
             s.rate,
@@ -54,6 +55,8 @@ pub fn render(summaries: &[Summary]) -> String {
             s.errors,
             s.refused,
             s.timed_out,
+            s.headroom
+                .map_or_else(|| "-".to_string(), |h| format!("{:.2}/{:.2}", h.avg, h.p99)),
             decisions,
         );
     }

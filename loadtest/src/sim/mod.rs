@@ -11,6 +11,7 @@
 //!
 //! Layout: [`cluster`] names the clusters; this module runs them.
 
+pub mod bound;
 pub mod cluster;
 
 use std::cmp::Ordering;
@@ -218,10 +219,16 @@ pub fn simulate(
         views,
         records: requests
             .iter()
-            .map(|r| RequestRecord {
+            .zip(bound::lower_bounds(
+                requests,
+                profile,
+                config.worker.chunk_tokens,
+            ))
+            .map(|(r, lower_bound)| RequestRecord {
                 id: r.id,
                 sent_ms: r.at_ms,
                 prompt_tokens: r.prompt_len(),
+                lower_bound_ms: Some(lower_bound),
                 ..RequestRecord::default()
             })
             .collect(),

@@ -32,7 +32,7 @@ impl SeqWork {
 
 /// Which formula a profile uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Formula {
+pub(crate) enum Formula {
     PaperMistralA6000,
     Roofline,
 }
@@ -66,7 +66,7 @@ pub struct Profile {
     pub mbu: f64,
     /// Fixed cost of one iteration, milliseconds.
     pub iteration_overhead_ms: f64,
-    formula: Formula,
+    pub(crate) formula: Formula,
 }
 
 /// Names of all built-in profiles.
@@ -204,16 +204,25 @@ impl Profile {
     }
 }
 
+/// The paper fit's cost per token of an iteration's linear layers, ms (its slope).
+pub(crate) const PAPER_LINEAR_SLOPE_MS: f64 = 0.108_425_71;
+/// The least an iteration's linear layers take in the paper fit, ms.
+pub(crate) const PAPER_LINEAR_FLOOR_MS: f64 = 22.0;
+/// The least a sequence's attention takes in the paper fit, ms.
+pub(crate) const PAPER_ATTENTION_FLOOR_MS: f64 = 0.32;
+/// The paper fit's efficiency divisor.
+pub(crate) const PAPER_EFFICIENCY: f64 = 0.9;
+
 /// The Preble authors' fit for Mistral-7B on an A6000 (see the module docs).
 fn paper_mistral_a6000_ms(batch: &[SeqWork]) -> f64 {
     let n: f64 = batch.iter().map(|s| f64::from(s.extend)).sum();
-    let linear_at = |n: f64| 0.108_425_71 * n + 4.2098;
+    let linear_at = |n: f64| PAPER_LINEAR_SLOPE_MS * n + 4.2098;
     let linear = if n >= 384.0 {
         linear_at(n)
     } else if n >= 192.0 {
-        22.0 + (linear_at(384.0) - 22.0) * (n - 192.0) / 192.0
+        PAPER_LINEAR_FLOOR_MS + (linear_at(384.0) - PAPER_LINEAR_FLOOR_MS) * (n - 192.0) / 192.0
     } else {
-        22.0
+        PAPER_LINEAR_FLOOR_MS
     };
     let attention: f64 = batch
         .iter()
@@ -221,7 +230,7 @@ fn paper_mistral_a6000_ms(batch: &[SeqWork]) -> f64 {
             let e = f64::from(s.extend);
             let seq = f64::from(s.context) + e;
             let base = if seq <= 1024.0 {
-                0.32
+                PAPER_ATTENTION_FLOOR_MS
             } else {
                 1.86e-4 * seq + 0.159
             };
@@ -233,7 +242,7 @@ fn paper_mistral_a6000_ms(batch: &[SeqWork]) -> f64 {
             base + correction
         })
         .sum();
-    (linear + attention) / 0.9
+    (linear + attention) / PAPER_EFFICIENCY
 }
 
 #[cfg(test)]
