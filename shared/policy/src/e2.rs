@@ -103,7 +103,6 @@ pub struct E2Config {
     /// The rules where preble departs from the paper's public code ([`Rules::PREBLE`]), or
     /// that code's own ([`Rules::PAPER`], see [`E2Config::paper`]).
     pub rules: Rules,
-
     /// Bound of the global tree, tokens.
     pub max_tree_tokens: u64,
     /// Output length assumed before any request finished.
@@ -128,7 +127,6 @@ impl Default for E2Config {
             rebalance_interval_ms: 1_000,
             temperature: 0.0,
             rules: Rules::PREBLE,
-
             max_tree_tokens: DEFAULT_MAX_TREE_TOKENS,
             prior_output_tokens: 128,
             profile: Profile::a6000_mistral_7b(),
