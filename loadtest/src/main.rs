@@ -76,6 +76,10 @@ enum Command {
         /// Popularity of key prefixes: uniform, zipf or zipf:S.
         #[arg(long, default_value = "uniform")]
         popularity: Popularity,
+        /// Number of distinct key prefixes per workload (the paper's prefix patterns);
+        /// default: as Table 1's requests per key portion give.
+        #[arg(long)]
+        patterns: Option<usize>,
         /// Rates, requests per second, comma-separated.
         #[arg(long, value_delimiter = ',', required = true)]
         rates: Vec<f64>,
@@ -186,6 +190,10 @@ struct WorkloadArgs {
     /// Popularity of key prefixes: uniform, zipf or zipf:S.
     #[arg(long, default_value = "uniform")]
     popularity: Popularity,
+    /// Number of distinct key prefixes (the paper's prefix patterns); default: as Table 1's
+    /// requests per key portion give.
+    #[arg(long)]
+    patterns: Option<usize>,
     /// Longest prompt plus output, tokens; default: the simulated model's context (`sim`),
     /// 32,768 otherwise.
     #[arg(long)]
@@ -210,6 +218,7 @@ impl WorkloadArgs {
                     requests: self.requests,
                     seed: self.seed,
                     popularity: self.popularity,
+                    patterns: self.patterns,
                     max_context: self.max_context.unwrap_or(context),
                 });
                 (kind.name().to_string(), requests, false)
@@ -520,6 +529,7 @@ async fn main() -> Result<()> {
             requests,
             seed,
             popularity,
+            patterns,
             rates,
             policies,
             cluster,
@@ -533,6 +543,7 @@ async fn main() -> Result<()> {
                     workload: kind.name().to_string(),
                     requests: generate(&SynthConfig {
                         popularity,
+                        patterns,
                         max_context: cluster.cluster.profile.model.context_len,
                         ..SynthConfig::new(kind, requests, seed)
                     }),

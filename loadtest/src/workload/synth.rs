@@ -163,6 +163,10 @@ pub struct SynthConfig {
     pub seed: u64,
     /// Popularity of key prefixes.
     pub popularity: Popularity,
+    /// Number of distinct key prefixes (the paper's prefix patterns); `None`: as many as the
+    /// workload's requests per key portion (Table 1) give for `requests`. For `mixed`, per
+    /// workload.
+    pub patterns: Option<usize>,
     /// Longest prompt plus output (the model's context); longer prompts are cut in their key
     /// portion.
     pub max_context: u32,
@@ -176,6 +180,7 @@ impl SynthConfig {
             requests,
             seed,
             popularity: Popularity::Uniform,
+            patterns: None,
             max_context: 32_768,
         }
     }
@@ -274,6 +279,15 @@ impl Parts {
     }
 }
 
+/// How many key prefixes the workload has: `config.patterns`, or Table 1's requests per key
+/// portion over `config.requests`.
+fn key_count(config: &SynthConfig, shape: &Shape) -> usize {
+    config
+        .patterns
+        .unwrap_or_else(|| (config.requests as f64 / shape.per_key).ceil() as usize)
+        .max(1)
+}
+
 /// Workloads of independent requests grouped by key.
 fn keyed(config: &SynthConfig) -> Vec<Request> {
     let Some(shape) = config.kind.shape() else {
@@ -282,7 +296,7 @@ fn keyed(config: &SynthConfig) -> Vec<Request> {
     let mut rng = StdRng::seed_from_u64(config.seed ^ (config.kind as u64) << 32);
     let names = Namer::new(config);
     let parts = Parts::of(&shape);
-    let keys = ((config.requests as f64 / shape.per_key).ceil() as usize).max(1);
+    let keys = key_count(config, &shape);
     let max_prompt = f64::from(config.max_context.saturating_sub(shape.output_cap)).max(64.0);
     // Each key sets the scale of its prompts: total length ~ N(mean, std), of which the
     // request's own part is the unshared share.
@@ -351,7 +365,7 @@ fn chains(config: &SynthConfig) -> Vec<Request> {
     let mean_turns = f64::from(TURNS.start() + TURNS.end()) / 2.0;
     let key_mean =
         shape.prompt_mean - f64::from(parts.global) - TURN_MEAN * (mean_turns + 1.0) / 2.0;
-    let keys = ((config.requests as f64 / shape.per_key).ceil() as usize).max(1);
+    let keys = key_count(config, &shape);
     let key_lens: Vec<u32> = (0..keys)
         .map(|_| normal(&mut rng, key_mean, shape.prompt_std, 64.0, 3.0 * key_mean) as u32)
         .collect();
@@ -512,5 +526,35 @@ mod tests {
         assert!(count_top(Popularity::Zipf(1.1)) > 4 * count_top(Popularity::Uniform));
         assert!("zipf:0".parse::<Popularity>().is_err());
         assert_eq!("zipf".parse::<Popularity>(), Ok(Popularity::Zipf(1.1)));
+    }
+
+    #[test]
+    fn the_number_of_prefix_patterns_is_the_one_asked_for() {
+        for kind in Kind::SINGLE {
+            let keys = |config: &SynthConfig| {
+                generate(config)
+                    .iter()
+                    .map(|r| r.key)
+                    .collect::<std::collections::HashSet<_>>()
+                    .len()
+            };
+            let even = SynthConfig {
+                patterns: Some(7),
+                ..SynthConfig::new(kind, 400, 3)
+            };
+            assert_eq!(keys(&even), 7, "{kind:?}");
+            let zipf = SynthConfig {
+                popularity: Popularity::Zipf(1.1),
+                ..even
+            };
+            assert!((1..=7).contains(&keys(&zipf)), "{kind:?}");
+            // By default the count follows Table 1's requests per key portion.
+            let per_key = kind.shape().map(|shape| shape.per_key).unwrap_or(1.0);
+            assert_eq!(
+                keys(&SynthConfig::new(kind, 400, 3)),
+                (400.0 / per_key).ceil() as usize,
+                "{kind:?}"
+            );
+        }
     }
 }
