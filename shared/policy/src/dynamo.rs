@@ -69,6 +69,8 @@ impl Default for DynamoConfig {
     }
 }
 
+// `KvRouterConfig` has no `PartialEq`; its `Debug` output lists every field, so equal
+// settings print equally.
 impl PartialEq for DynamoConfig {
     fn eq(&self, other: &Self) -> bool {
         self.block_size == other.block_size
@@ -283,9 +285,9 @@ impl Policy for Dynamo {
                 expected_output_tokens: None,
                 prefill_load_hint: Some(PrefillLoadHint {
                     initial_effective_prefill_tokens: missed,
-                    expected_prefill_duration: Some(Duration::from_secs_f64(
-                        prefill_ms.max(0.0) / 1000.0,
-                    )),
+                    expected_prefill_duration: Some(
+                        Duration::try_from_secs_f64(prefill_ms / 1000.0).unwrap_or(Duration::ZERO),
+                    ),
                 }),
                 worker: chosen,
                 lora_name: None,
