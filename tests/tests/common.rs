@@ -4,6 +4,17 @@
 use futures::StreamExt;
 use serde_json::Value;
 
+/// Length of [`shared_prefix`], tokens.
+pub const PREFIX_TOKENS: u32 = 400;
+
+/// Shared prefix `k`'s tokens (ids clear of the special tokens 0..5, inside the sim model's
+/// 578-token vocabulary): long prefixes the routing tests reuse.
+pub fn shared_prefix(k: u32) -> Vec<u32> {
+    (0..PREFIX_TOKENS)
+        .map(|t| 5 + (k * 977 + t * 13) % 570)
+        .collect()
+}
+
 /// POSTs JSON; returns the status and the body as JSON.
 pub async fn post(base: &str, path: &str, body: &Value) -> (u16, Value) {
     post_raw(base, path, body.to_string(), None).await

@@ -6,20 +6,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::post;
+use common::{PREFIX_TOKENS, post, shared_prefix};
 use preble_tests::{Options, TestCluster, scrape};
 use serde_json::json;
 
-const PREFIX_TOKENS: u32 = 400;
 const PREFIXES: u32 = 8;
 const ROUNDS: u32 = 8;
-
-/// Prefix `k`'s tokens (ids clear of the special tokens 0..5, inside the 578-token vocabulary).
-fn prefix(k: u32) -> Vec<u32> {
-    (0..PREFIX_TOKENS)
-        .map(|t| 5 + (k * 977 + t * 13) % 570)
-        .collect()
-}
 
 #[tokio::test]
 async fn e2_reuses_shared_prefixes_and_keeps_workers_balanced() {
@@ -31,7 +23,7 @@ async fn e2_reuses_shared_prefixes_and_keeps_workers_balanced() {
     .unwrap();
     for round in 0..ROUNDS {
         let requests = (0..PREFIXES).map(|k| {
-            let mut prompt = prefix(k);
+            let mut prompt = shared_prefix(k);
             // A suffix unique to the request whose first token differs from every other's.
             prompt.extend((0..20).map(|t| 5 + ((round * PREFIXES + k) * 20 + t) % 570));
             let body = json!({"model": cluster.model, "prompt": prompt, "max_tokens": 8});
@@ -90,7 +82,7 @@ async fn snapshot(cluster: &TestCluster, metric: &str) -> Vec<f64> {
 }
 
 fn request(model: &str, k: u32, unique: u32, max_tokens: u32) -> serde_json::Value {
-    let mut prompt = prefix(k);
+    let mut prompt = shared_prefix(k);
     prompt.extend((0..20).map(|t| 5 + (unique * 20 + t) % 570));
     json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": true})
 }

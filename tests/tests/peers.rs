@@ -5,20 +5,12 @@
 
 mod common;
 
-use common::post;
+use common::{PREFIX_TOKENS, post, shared_prefix};
 use preble_tests::{Options, TestCluster, scrape, scrape_where};
 use serde_json::json;
 
-const PREFIX_TOKENS: u32 = 400;
 const PREFIXES: u32 = 8;
 const ROUNDS: u32 = 4;
-
-/// Prefix `k`'s tokens (ids clear of the special tokens 0..5, inside the 578-token vocabulary).
-fn prefix(k: u32) -> Vec<u32> {
-    (0..PREFIX_TOKENS)
-        .map(|t| 5 + (k * 977 + t * 13) % 570)
-        .collect()
-}
 
 async fn reuses_shared_prefixes(policy: &str) {
     let cluster = TestCluster::start(Options {
@@ -32,7 +24,7 @@ async fn reuses_shared_prefixes(policy: &str) {
     // load, so a holder always wins (concurrent requests would trade reuse for balance).
     for round in 0..ROUNDS {
         for k in 0..PREFIXES {
-            let mut prompt = prefix(k);
+            let mut prompt = shared_prefix(k);
             prompt.extend((0..20).map(|t| 5 + ((round * PREFIXES + k) * 20 + t) % 570));
             let body = json!({"model": cluster.model, "prompt": prompt, "max_tokens": 8});
             let (status, out) = post(&cluster.gateway, "/v1/completions", &body).await;

@@ -2,58 +2,18 @@
 
 use preble_policy::{
     CacheAware, CacheAwareConfig, ClusterEvent, ClusterView, DecisionKind, E2, E2Config, KvCost,
-    KvCostConfig, Policy, RouteRequest, TreeError, WorkerLoad, WorkerView,
+    KvCostConfig, Policy, RouteRequest, TreeError, WorkerView,
 };
 use preble_prefix::{ROOT_HASH, path_hash};
 use proptest::prelude::*;
 
-fn workers(n: usize) -> Vec<WorkerView> {
-    (0..n)
-        .map(|i| WorkerView {
-            id: format!("gpu-{i}"),
-            load: WorkerLoad::default(),
-            kv_capacity_tokens: 200_000,
-        })
-        .collect()
-}
+mod common;
+use common::{cache, route, workers};
 
 fn prompt(family: u32, shared: usize, unique: u32, len: usize) -> Vec<u32> {
     let mut p: Vec<u32> = (0..shared as u32).map(|t| family * 100_000 + t).collect();
     p.extend((0..len as u32).map(|t| 50_000 + unique * 1000 + t));
     p
-}
-
-fn route(
-    policy: &mut dyn Policy,
-    ws: &[WorkerView],
-    id: &str,
-    prompt: &[u32],
-    now_ms: u64,
-) -> preble_policy::Decision {
-    policy
-        .route(
-            &ClusterView { workers: ws },
-            &RouteRequest {
-                request_id: id,
-                prompt,
-                max_tokens: 64,
-                now_ms,
-            },
-        )
-        .expect("a decision")
-}
-
-/// The chosen worker caches the prompt, as its cache events would say.
-fn cache(policy: &mut dyn Policy, worker: &str, prompt: &[u32], now_ms: u64) {
-    policy
-        .observe(&ClusterEvent::CacheInserted {
-            worker,
-            parent_hash: preble_prefix::ROOT_HASH,
-            hash: path_hash(prompt),
-            tokens: prompt,
-            now_ms,
-        })
-        .expect("applies");
 }
 
 #[test]

@@ -3,53 +3,14 @@
 
 use preble_localsched::{CacheEvent, RadixCache};
 use preble_policy::{
-    ClusterEvent, ClusterView, Decision, DecisionKind, Dynamo, DynamoConfig, Policy, PolicyKind,
-    RouteRequest, Sglang, SglangConfig, TreeError, WorkerLoad, WorkerView,
+    ClusterEvent, ClusterView, DecisionKind, Dynamo, DynamoConfig, Policy, PolicyKind,
+    RouteRequest, Sglang, SglangConfig, TreeError,
 };
 use preble_prefix::{ROOT_HASH, path_hash};
 use proptest::prelude::*;
 
-fn workers(n: usize) -> Vec<WorkerView> {
-    (0..n)
-        .map(|i| WorkerView {
-            id: format!("gpu-{i}"),
-            load: WorkerLoad::default(),
-            kv_capacity_tokens: 200_000,
-        })
-        .collect()
-}
-
-fn route(
-    policy: &mut dyn Policy,
-    ws: &[WorkerView],
-    id: &str,
-    prompt: &[u32],
-    now_ms: u64,
-) -> Decision {
-    policy
-        .route(
-            &ClusterView { workers: ws },
-            &RouteRequest {
-                request_id: id,
-                prompt,
-                max_tokens: 64,
-                now_ms,
-            },
-        )
-        .expect("a decision")
-}
-
-fn cache(policy: &mut dyn Policy, worker: &str, prompt: &[u32]) {
-    policy
-        .observe(&ClusterEvent::CacheInserted {
-            worker,
-            parent_hash: ROOT_HASH,
-            hash: path_hash(prompt),
-            tokens: prompt,
-            now_ms: 0,
-        })
-        .expect("applies");
-}
+mod common;
+use common::{cache, route, serve, workers};
 
 fn release(policy: &mut dyn Policy, worker: &str, id: &str) {
     policy
@@ -77,7 +38,7 @@ fn dynamo_follows_the_workers_kv_events() {
     let ws = workers(3);
     let mut policy = Dynamo::new(DynamoConfig::default());
     let p = prompt(1, 1_000);
-    cache(&mut policy, "gpu-2", &p);
+    cache(&mut policy, "gpu-2", &p, 0);
     let d = route(&mut policy, &ws, "r1", &p, 0);
     assert_eq!(d.worker, "gpu-2");
     assert_eq!(d.kind, DecisionKind::Exploit);
@@ -130,7 +91,7 @@ fn dynamo_forgets_a_gone_worker_and_refuses_lies() {
     let ws = workers(2);
     let mut policy = Dynamo::new(DynamoConfig::default());
     let p = prompt(2, 320);
-    cache(&mut policy, "gpu-1", &p);
+    cache(&mut policy, "gpu-1", &p, 0);
     policy
         .observe(&ClusterEvent::WorkerGone { worker: "gpu-1" })
         .expect("applies");
@@ -273,16 +234,7 @@ proptest! {
             let w = match &op { Op::Insert(w, _) | Op::Evict(w, _) => *w };
             let cache = &mut caches[w];
             match op {
-                Op::Insert(_, tokens) => {
-                    let m = cache.match_prefix(&tokens, tokens.len());
-                    cache.pin(m.node);
-                    if let Some(own) = cache.alloc(tokens.len() - m.len) {
-                        let mut slots = m.slots;
-                        slots.extend(own);
-                        cache.insert(&tokens, &mut slots);
-                    }
-                    cache.unpin(m.node);
-                }
+                Op::Insert(_, tokens) => serve(cache, &tokens),
                 Op::Evict(_, n) => {
                     cache.evict(n);
                 }

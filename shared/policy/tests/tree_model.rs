@@ -8,6 +8,9 @@ use preble_localsched::{CacheEvent, RadixCache};
 use preble_policy::tree::GlobalTree;
 use proptest::prelude::*;
 
+mod common;
+use common::serve;
+
 #[derive(Clone, Debug)]
 enum Op {
     Insert(usize, Vec<u32>),
@@ -64,16 +67,7 @@ proptest! {
             };
             let cache = &mut caches[w];
             match op {
-                Op::Insert(_, tokens) => {
-                    let m = cache.match_prefix(&tokens, tokens.len());
-                    cache.pin(m.node);
-                    if let Some(own) = cache.alloc(tokens.len() - m.len) {
-                        let mut slots = m.slots;
-                        slots.extend(own);
-                        cache.insert(&tokens, &mut slots);
-                    }
-                    cache.unpin(m.node);
-                }
+                Op::Insert(_, tokens) => serve(cache, &tokens),
                 Op::Match(_, tokens) => {
                     cache.match_prefix(&tokens, tokens.len());
                 }
