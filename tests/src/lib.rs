@@ -568,6 +568,19 @@ impl TestCluster {
         out
     }
 
+    /// `metric` on each worker, in worker order; panics if a worker's metrics cannot be read.
+    pub async fn worker_values(&self, metric: &str) -> Vec<f64> {
+        let mut values = Vec::with_capacity(self.workers.len());
+        for w in &self.workers {
+            values.push(
+                scrape(&w.metrics_url, metric)
+                    .await
+                    .unwrap_or_else(|e| panic!("{metric} on {}: {e}", w.metrics_url)),
+            );
+        }
+        values
+    }
+
     /// Sum of a metric over every worker.
     pub async fn worker_sum(&self, metric: &str) -> f64 {
         let mut total = 0.0;

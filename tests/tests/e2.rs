@@ -38,14 +38,9 @@ async fn e2_reuses_shared_prefixes_and_keeps_workers_balanced() {
         .worker_sum("preble:prefix_cache_hit_tokens_total")
         .await;
     let ideal = f64::from((ROUNDS - 1) * PREFIXES * PREFIX_TOKENS);
-    let mut accepted = Vec::new();
-    for w in &cluster.workers {
-        accepted.push(
-            scrape(&w.metrics_url, "preble:requests_accepted_total")
-                .await
-                .unwrap(),
-        );
-    }
+    let accepted = cluster
+        .worker_values("preble:requests_accepted_total")
+        .await;
     let (max, min) = (
         accepted.iter().copied().fold(0.0, f64::max),
         accepted.iter().copied().fold(f64::INFINITY, f64::min),

@@ -6,7 +6,7 @@
 mod common;
 
 use common::{PREFIX_TOKENS, post, shared_prefix};
-use preble_tests::{Options, TestCluster, scrape, scrape_where};
+use preble_tests::{Options, TestCluster, scrape_where};
 use serde_json::json;
 
 const PREFIXES: u32 = 8;
@@ -42,14 +42,9 @@ async fn reuses_shared_prefixes(policy: &str) {
     )
     .await
     .unwrap();
-    let mut accepted = Vec::new();
-    for w in &cluster.workers {
-        accepted.push(
-            scrape(&w.metrics_url, "preble:requests_accepted_total")
-                .await
-                .unwrap(),
-        );
-    }
+    let accepted = cluster
+        .worker_values("preble:requests_accepted_total")
+        .await;
     eprintln!(
         "{policy}: prefix hits {hits} of {ideal}, {exploits} exploits, per worker {accepted:?}"
     );
