@@ -460,7 +460,12 @@ async fn a_connection_past_a_cap_of_busy_connections_gets_a_503_at_once() {
         assert!(Instant::now() < deadline, "{}", c.logs());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The third client sends its request at once: the 503 must reach it, not a reset.
     let mut third = TcpStream::connect(host_port(&c.gateway)).await.unwrap();
+    third
+        .write_all(b"GET /health HTTP/1.1\r\nhost: preble\r\n\r\n")
+        .await
+        .unwrap();
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut answer)).await;
     let answer = String::from_utf8_lossy(&answer);

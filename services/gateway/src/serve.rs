@@ -17,8 +17,9 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use preble_protocol::ErrorCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tower::ServiceExt;
 use tracing::{debug, warn};
 
@@ -188,6 +189,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let table = Arc::new(Mutex::new(Table::default()));
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT));
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -212,7 +214,7 @@ pub async fn serve(
         }
         let Some(slot) = admit(&table, limits.max_connections, &metrics) else {
             metrics.connections_refused.inc();
-            refuse(&tcp);
+            refuse(tcp, &refusals);
             continue;
         };
         let slot = Arc::new(slot);
@@ -255,17 +257,56 @@ pub async fn serve(
     }
 }
 
-/// Answers a connection that cannot be admitted with a 503 (best effort, never blocking).
-fn refuse(tcp: &TcpStream) {
+/// Most refusals being written at once; past it a refused connection is closed unanswered, so
+/// a connection flood cannot hold more descriptors than this on top of the cap.
+const MAX_REFUSALS_IN_FLIGHT: usize = 64;
+
+/// Longest a refusal may take: writing the 503, then reading (and discarding) what the client
+/// sent until it closes, so closing does not reset the connection before the client has read
+/// the answer.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The answer a connection that cannot be admitted gets: an OpenAI-shaped 503 with
+/// `Retry-After`.
+fn refusal() -> String {
     let body = ApiError::new(
         ErrorCode::Overloaded,
         "the server has too many open connections; retry shortly",
     )
     .body()
     .to_string();
-    let response = format!(
+    format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
-    );
-    let _ = tcp.try_write(response.as_bytes());
+    )
+}
+
+/// Answers a connection that cannot be admitted with [`refusal`] on a task of its own, bounded
+/// in time by [`REFUSAL_TIMEOUT`] and in number by `in_flight`; past that bound the connection
+/// is closed unanswered. A freshly accepted socket is not known to be writable yet, so the
+/// answer is awaited, not tried.
+fn refuse(mut tcp: TcpStream, in_flight: &Arc<Semaphore>) {
+    let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+        debug!("too many refusals in flight; closing a connection unanswered");
+        return;
+    };
+    tokio::spawn(async move {
+        let answer = async {
+            tcp.write_all(refusal().as_bytes()).await?;
+            tcp.shutdown().await?;
+            let mut sink = [0u8; 4096];
+            let mut drained = 0usize;
+            while drained < 64 * 1024 {
+                match tcp.read(&mut sink).await? {
+                    0 => break,
+                    n => drained += n,
+                }
+            }
+            Ok::<_, std::io::Error>(())
+        };
+        if let Ok(Err(e)) = tokio::time::timeout(REFUSAL_TIMEOUT, answer).await {
+            debug!(error = %e, "refused connection ended with an error");
+        }
+        drop(permit);
+    });
 }
