@@ -10,6 +10,7 @@
 
 pub mod compare;
 pub mod live;
+pub mod paper;
 pub mod path_bench;
 pub mod report;
 pub mod sim;

@@ -1,6 +1,8 @@
 //! `preble-loadtest`: generate Preble's workloads, simulate clusters, drive a live stack, and
 //! compare scheduling policies. `preble-loadtest --help` lists the commands.
 
+mod cli_paper;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -9,12 +11,14 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use preble_loadtest::compare::{self, Sweep};
 use preble_loadtest::live::{self, LiveConfig, Transport};
+use preble_loadtest::paper::{self, Contender};
 use preble_loadtest::report::{self, Judging, Summary};
 use preble_loadtest::sim::{ClusterSpec, SimConfig, simulate};
 use preble_loadtest::workload::arrivals::Arrivals;
 use preble_loadtest::workload::stats::Stats;
 use preble_loadtest::workload::synth::{Kind, Popularity, SynthConfig, generate};
 use preble_loadtest::workload::{Request, Workload, trace};
+use preble_localsched::WaitOrder;
 use preble_policy::PolicyKind;
 
 #[derive(Parser)]
@@ -97,6 +101,39 @@ enum Command {
         /// Directory of the report.
         #[arg(long, default_value = "loadtest-report")]
         out: PathBuf,
+    },
+    /// Run one of the paper's experiments by name in the simulator (`list` names them):
+    /// the rate sweeps of Figure 3, the mixed Azure-trace run of Figure 4, the ablation of
+    /// Figure 5.
+    Paper {
+        /// The experiment, or `list`.
+        name: String,
+        /// Contenders of the sweeps and the mixed run: policies, each optionally with its
+        /// units' wait order (`round-robin/lpm` is the paper's SGLang baseline).
+        #[arg(long, value_delimiter = ',', default_value = paper::DEFAULT_CONTENDERS)]
+        policies: Vec<Contender>,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        /// Seed of the workload.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Seed of the Poisson arrivals.
+        #[arg(long, default_value_t = 7)]
+        arrival_seed: u64,
+        /// Share of the paper's request counts to run (quick looks), in (0, 1].
+        #[arg(long, default_value_t = 1.0)]
+        fraction: f64,
+        /// Directory holding the Azure traces (the mixed run).
+        #[arg(long, default_value = "../shared/traces")]
+        traces: PathBuf,
+        #[command(flatten)]
+        judging: JudgingArgs,
+        /// The E2 the ablation takes apart: e2, or e2-paper (the paper's code's rules).
+        #[arg(long, default_value = "e2")]
+        ablate: PolicyKind,
+        /// Directory of the report; default: loadtest-report/paper/<name>.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Send a workload to a running stack and measure from the client side.
     Live {
@@ -326,6 +363,9 @@ struct ClusterArgs {
     /// KV capacity per serving unit, tokens; default: the profile's.
     #[arg(long)]
     kv_capacity_tokens: Option<u64>,
+    /// Each unit's wait-queue order: priority, fcfs or lpm (SGLang's longest prefix match).
+    #[arg(long, default_value = "priority")]
+    wait_order: WaitOrder,
     #[command(flatten)]
     e2: E2Args,
 }
@@ -388,6 +428,7 @@ impl ClusterArgs {
         let mut c = SimConfig::new(self.cluster.clone(), policy);
         c.worker.chunk_tokens = self.chunk_tokens;
         c.worker.kv_capacity_tokens = self.kv_capacity_tokens;
+        c.worker.wait_order = self.wait_order;
         self.e2.apply(&mut c.settings.e2);
         c
     }
@@ -589,6 +630,29 @@ async fn main() -> Result<()> {
                 println!("wrote {}", f.display());
             }
         }
+        Command::Paper {
+            name,
+            policies,
+            cluster,
+            seed,
+            arrival_seed,
+            fraction,
+            traces,
+            judging,
+            ablate,
+            out,
+        } => cli_paper::run(&cli_paper::PaperRun {
+            name,
+            contenders: policies,
+            sim: cluster.config(PolicyKind::E2),
+            seed,
+            arrival_seed,
+            fraction,
+            traces,
+            out,
+            judging: judging.into(),
+            ablate,
+        })?,
         Command::Live {
             workload,
             arrivals,

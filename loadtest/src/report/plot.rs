@@ -311,3 +311,85 @@ pub fn plot_load_over_time(stem: &Path, run: &RunResult) -> Result<Vec<PathBuf>,
         |a| load_over_time(a, run),
     )
 }
+
+/// Bars of average and p99 latency per step, in order, like the paper's Figure 5.
+fn step_bars<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    title: &str,
+    steps: &[(String, f64, f64)],
+) -> Drawn {
+    root.fill(&WHITE).map_err(err)?;
+    let (left, right) = root.split_horizontally(root.dim_in_pixel().0 / 2);
+    step_panel(&left, &format!("{title}: average latency"), steps, |s| s.1)?;
+    step_panel(&right, &format!("{title}: p99 latency"), steps, |s| s.2)?;
+    root.present().map_err(err)
+}
+
+fn step_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    title: &str,
+    steps: &[(String, f64, f64)],
+    value: fn(&(String, f64, f64)) -> f64,
+) -> Drawn {
+    let top = steps.iter().map(value).fold(0.0, f64::max).max(1e-3) * 1.6;
+    let n = steps.len().max(1);
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(-0.5..(n as f64 - 0.5), 0.0..top)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(n)
+        .x_label_formatter(&|x| {
+            let step = x.round();
+            if (x - step).abs() < 1e-6 && step >= 0.0 {
+                format!("step {}", step as usize + 1)
+            } else {
+                String::new()
+            }
+        })
+        .y_desc("latency (s)")
+        .draw()
+        .map_err(err)?;
+    for (i, s) in steps.iter().enumerate() {
+        let p = Palette99::pick(i).to_rgba();
+        let c = RGBColor(p.0, p.1, p.2);
+        let x = i as f64;
+        chart
+            .draw_series(std::iter::once(Rectangle::new(
+                [(x - 0.4, 0.0), (x + 0.4, value(s))],
+                c.filled(),
+            )))
+            .map_err(err)?
+            .label(format!("{}: {}", i + 1, s.0))
+            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], c.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(err)?;
+    Ok(())
+}
+
+/// Average and p99 latency (seconds) of each `(step, average, p99)` as bars, in order;
+/// writes `<stem>.png/.svg`.
+pub fn plot_steps(
+    stem: &Path,
+    title: &str,
+    steps: &[(String, f64, f64)],
+) -> Result<Vec<PathBuf>, PlotError> {
+    both(
+        stem,
+        (1200, 560),
+        |a| step_bars(a, title, steps),
+        |a| step_bars(a, title, steps),
+    )
+}

@@ -18,7 +18,7 @@ use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
 use preble_costmodel::SeqWork;
-use preble_localsched::{CacheEvent, LocalScheduler, Plan, SchedulerConfig};
+use preble_localsched::{CacheEvent, LocalScheduler, Plan, SchedulerConfig, WaitOrder};
 use preble_policy::{
     ClusterEvent, ClusterView, Policy, PolicyKind, PolicySettings, RouteRequest, WorkerLoad,
     WorkerView,
@@ -38,6 +38,8 @@ pub struct WorkerSettings {
     pub max_running: usize,
     /// Priority groups by cache-hit ratio.
     pub priority_groups: usize,
+    /// Order of the wait queue.
+    pub wait_order: WaitOrder,
     /// Share of the running requests' remaining output kept free at admission.
     pub decode_reserve: f64,
     /// KV capacity, tokens; default: the profile's.
@@ -50,6 +52,7 @@ impl Default for WorkerSettings {
             chunk_tokens: 512,
             max_running: 256,
             priority_groups: 10,
+            wait_order: WaitOrder::Priority,
             decode_reserve: 0.25,
             kv_capacity_tokens: None,
         }
@@ -193,6 +196,7 @@ pub fn simulate(
         prefill_budget: config.worker.chunk_tokens,
         max_running: config.worker.max_running,
         priority_groups: config.worker.priority_groups,
+        wait_order: config.worker.wait_order,
         decode_reserve: config.worker.decode_reserve,
     };
     let workers: Vec<SimWorker> = (0..config.cluster.units)

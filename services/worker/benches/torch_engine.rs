@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use preble_costmodel::Profile;
-use preble_localsched::{LocalScheduler, SchedulerConfig};
+use preble_localsched::{LocalScheduler, SchedulerConfig, WaitOrder};
 use preble_protocol::SamplingParams;
 use preble_worker::engine::torch::{TorchEngine, TorchOptions};
 use preble_worker::engine::{Engine, RequestView, step_batch};
@@ -101,6 +101,7 @@ fn scheduler() -> LocalScheduler<Request> {
         max_running: 64,
         priority_groups: 10,
         decode_reserve: 0.25,
+        wait_order: WaitOrder::Priority,
     })
 }
 

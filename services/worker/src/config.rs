@@ -5,6 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use preble_costmodel::Profile;
+use preble_localsched::WaitOrder;
 use preble_protocol::Subjects;
 use preble_telemetry::LogFormat;
 
@@ -61,6 +62,10 @@ pub struct Args {
     /// Priority groups of the wait queue, by cache-hit ratio (the paper uses 10).
     #[arg(long, env = "PREBLE_PRIORITY_GROUPS", default_value_t = 10)]
     pub priority_groups: usize,
+    /// Order of the wait queue: priority (the groups above), fcfs, or lpm (SGLang's longest
+    /// prefix match).
+    #[arg(long, env = "PREBLE_WAIT_ORDER", default_value = "priority")]
+    pub wait_order: WaitOrder,
 
     /// Fraction of the running requests' remaining output kept free when admitting (higher:
     /// fewer preemptions, smaller batches).
@@ -133,6 +138,8 @@ pub struct Config {
     pub max_running: usize,
     /// Priority groups of the wait queue.
     pub priority_groups: usize,
+    /// Order of the wait queue.
+    pub wait_order: WaitOrder,
     /// Output fraction kept free when admitting.
     pub decode_reserve: f64,
     /// Heartbeat period.
@@ -214,6 +221,7 @@ impl Config {
             chunk_tokens: args.chunk_tokens,
             max_running: args.max_running,
             priority_groups: args.priority_groups,
+            wait_order: args.wait_order,
             decode_reserve: args.decode_reserve,
             heartbeat: Duration::from_millis(args.heartbeat_ms),
             http_addr: args.http_addr,

@@ -74,6 +74,7 @@ pub async fn run(
             prefill_budget: config.chunk_tokens,
             max_running: config.max_running,
             priority_groups: config.priority_groups,
+            wait_order: config.wait_order,
             decode_reserve: config.decode_reserve,
         },
         metrics.clone(),

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use preble_localsched::{LocalScheduler, RadixCache, SchedulerConfig};
+use preble_localsched::{LocalScheduler, RadixCache, SchedulerConfig, WaitOrder};
 use preble_prefix::mix64;
 
 struct Counting;
@@ -92,6 +92,7 @@ fn plan_iteration(c: &mut Criterion) {
         max_running: 512,
         priority_groups: 10,
         decode_reserve: 0.0,
+        wait_order: WaitOrder::Priority,
     });
     // Fill the cache with other prompts, then get 256 requests running (decoding).
     for i in 0..96 {

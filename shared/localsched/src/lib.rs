@@ -9,7 +9,7 @@ pub mod queue;
 pub mod scheduler;
 
 pub use cache::{CacheEvent, CacheSpan, NodeId, PrefixMatch, RadixCache, Slot};
-pub use queue::PriorityQueue;
+pub use queue::{LPM_MAX_SORTED, PriorityQueue, WaitOrder};
 pub use scheduler::{
     AdmitError, Load, LocalScheduler, Plan, PlanItem, SchedulerConfig, SeqId, Sequence,
 };

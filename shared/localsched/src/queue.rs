@@ -4,8 +4,70 @@
 //!
 //! The paper's scheme: group `g` of `G` holds hit ratios in `(g/G, (g+1)/G]` (group 0 also holds
 //! zero hits); a round admits up to `g + 1` requests from group `g`, highest group first.
+//!
+//! The other [`WaitOrder`]s, which comparisons need, use one group: first come, first served,
+//! or sorted by prefix match before each batch.
 
+use std::cmp::Reverse;
 use std::collections::VecDeque;
+use std::fmt;
+use std::str::FromStr;
+
+/// The order in which waiting requests are admitted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum WaitOrder {
+    /// Preble's priority groups by cache-hit ratio (this module's scheme).
+    #[default]
+    Priority,
+    /// First come, first served.
+    Fcfs,
+    /// Longest prefix match, SGLang's cache-aware order (`--schedule-policy lpm`, the local
+    /// order of the paper's SGLang baseline): before each batch is formed, the waiting requests
+    /// are sorted, stably, by how many of their tokens the cache holds now, longest first;
+    /// with more than [`LPM_MAX_SORTED`] waiting, SGLang skips the sort and keeps the order
+    /// the queue already has, and so does this.
+    LongestPrefix,
+}
+
+/// Longest wait queue SGLang still sorts by prefix match (its `_determine_active_policy`);
+/// beyond it the queue keeps its order.
+pub const LPM_MAX_SORTED: usize = 128;
+
+impl WaitOrder {
+    /// Every order's name, for `--help` and errors.
+    pub const NAMES: [&'static str; 3] = ["priority", "fcfs", "lpm"];
+
+    /// Its name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            WaitOrder::Priority => "priority",
+            WaitOrder::Fcfs => "fcfs",
+            WaitOrder::LongestPrefix => "lpm",
+        }
+    }
+}
+
+impl fmt::Display for WaitOrder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for WaitOrder {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "priority" => Ok(WaitOrder::Priority),
+            "fcfs" => Ok(WaitOrder::Fcfs),
+            "lpm" => Ok(WaitOrder::LongestPrefix),
+            other => Err(format!(
+                "unknown wait order {other:?}; expected one of {}",
+                WaitOrder::NAMES.join(", ")
+            )),
+        }
+    }
+}
 
 /// A priority-group queue of `T`.
 #[derive(Clone, Debug)]
@@ -100,6 +162,19 @@ impl<T> PriorityQueue<T> {
         Some(item)
     }
 
+    /// Sorts each group by `key`, largest first, keeping the order of equal keys; `key` is
+    /// called once per request.
+    pub fn sort_by_key_descending(&mut self, mut key: impl FnMut(&mut T) -> u64) {
+        for group in &mut self.groups {
+            let mut keyed: Vec<(Reverse<u64>, T)> = group
+                .drain(..)
+                .map(|mut item| (Reverse(key(&mut item)), item))
+                .collect();
+            keyed.sort_by_key(|(k, _)| *k);
+            group.extend(keyed.into_iter().map(|(_, item)| item));
+        }
+    }
+
     /// Removes the first request matching `pred`.
     pub fn remove_first(&mut self, mut pred: impl FnMut(&T) -> bool) -> Option<T> {
         for group in &mut self.groups {
@@ -159,6 +234,25 @@ mod tests {
         assert_eq!(counts[9], 200);
         assert_eq!(counts[4], 100);
         assert_eq!(counts[0], 20);
+    }
+
+    #[test]
+    fn sorting_by_key_is_stable_and_largest_first() {
+        let mut q = PriorityQueue::new(1);
+        for (id, key) in [(0, 5), (1, 9), (2, 5), (3, 0), (4, 9)] {
+            q.push((id, key), 0.0);
+        }
+        q.sort_by_key_descending(|&mut (_, key)| key);
+        let order: Vec<u32> = std::iter::from_fn(|| q.pop_next().map(|(id, _)| id)).collect();
+        assert_eq!(order, [1, 4, 0, 2, 3]);
+    }
+
+    #[test]
+    fn wait_orders_round_trip_by_name() {
+        for name in WaitOrder::NAMES {
+            assert_eq!(name.parse::<WaitOrder>().unwrap().name(), name);
+        }
+        assert!("lifo".parse::<WaitOrder>().unwrap_err().contains("lpm"));
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //!
 //! Each iteration: every running request that is decoding steps once (decodes first); then
 //! prompt chunks of running requests under the prefill token budget (chunked prefill, mixed
-//! with the decodes); then new requests are admitted from the priority groups while the budget,
-//! the running cap and the KV slots allow. Slots are exact: a request holds one slot per token
+//! with the decodes); then new requests are admitted in the configured [`WaitOrder`] (the
+//! priority groups by default, first come first served, or SGLang's longest prefix match)
+//! while the budget, the running cap and the KV slots allow. Slots are exact: a request holds one slot per token
 //! whose KV is computed or about to be; when decodes cannot get slots even after eviction, the
 //! most recently admitted requests are preempted (their own slots freed, their prefix unpinned)
 //! and queued again to be recomputed.
@@ -13,7 +14,7 @@
 //! [`LocalScheduler::finish`] requests that stopped.
 
 use crate::cache::{CacheEvent, NodeId, RadixCache, Slot};
-use crate::queue::PriorityQueue;
+use crate::queue::{LPM_MAX_SORTED, PriorityQueue, WaitOrder};
 
 /// Identifies a request inside one scheduler.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -28,8 +29,10 @@ pub struct SchedulerConfig {
     pub prefill_budget: u32,
     /// Requests in the running batch at most.
     pub max_running: usize,
-    /// Number of priority groups by cache-hit ratio.
+    /// Number of priority groups by cache-hit ratio (with [`WaitOrder::Priority`]).
     pub priority_groups: usize,
+    /// The order in which waiting requests are admitted.
+    pub wait_order: WaitOrder,
     /// Fraction of the running requests' remaining output tokens kept free when admitting,
     /// so decodes rarely need preemption (0 admits whenever the prompt fits).
     pub decode_reserve: f64,
@@ -43,6 +46,7 @@ impl Default for SchedulerConfig {
             prefill_budget: 512,
             max_running: 256,
             priority_groups: 10,
+            wait_order: WaitOrder::Priority,
             decode_reserve: 0.25,
         }
     }
@@ -226,7 +230,10 @@ impl<T> LocalScheduler<T> {
     pub fn new(config: SchedulerConfig) -> Self {
         Self {
             cache: RadixCache::new(config.kv_capacity),
-            waiting: PriorityQueue::new(config.priority_groups),
+            waiting: PriorityQueue::new(match config.wait_order {
+                WaitOrder::Priority => config.priority_groups,
+                WaitOrder::Fcfs | WaitOrder::LongestPrefix => 1,
+            }),
             running: Vec::new(),
             next_id: 0,
             config,
@@ -328,6 +335,9 @@ impl<T> LocalScheduler<T> {
                 plan.items.push(self.prefill_chunk(index, &mut budget));
             }
         }
+        if budget > 0 && self.running.len() < self.config.max_running {
+            self.order_waiting();
+        }
         while budget > 0 && self.running.len() < self.config.max_running {
             if !self.admit_next() {
                 break;
@@ -337,6 +347,23 @@ impl<T> LocalScheduler<T> {
             plan.items.push(self.prefill_chunk(index, &mut budget));
         }
         plan
+    }
+
+    /// With [`WaitOrder::LongestPrefix`], sorts the waiting requests by how much of each the
+    /// cache holds now (unless more than [`LPM_MAX_SORTED`] wait), refreshing their hit
+    /// ratios.
+    fn order_waiting(&mut self) {
+        if self.config.wait_order != WaitOrder::LongestPrefix || self.waiting.len() > LPM_MAX_SORTED
+        {
+            return;
+        }
+        let cache = &self.cache;
+        self.waiting.sort_by_key_descending(|seq| {
+            let limit = seq.tokens.len() - 1;
+            let hit = cache.peek_match_len(&seq.tokens[..limit]);
+            seq.hit_ratio = hit as f64 / seq.tokens.len() as f64;
+            hit as u64
+        });
     }
 
     /// Preempts the most recently admitted requests until every decode can get its slot.

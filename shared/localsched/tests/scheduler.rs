@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use preble_localsched::{AdmitError, LocalScheduler, SchedulerConfig};
+use preble_localsched::{AdmitError, LocalScheduler, SchedulerConfig, WaitOrder};
 use preble_prefix::{mix64, path_hash};
 use proptest::prelude::*;
 
@@ -14,6 +14,7 @@ fn config(kv_capacity: u32, prefill_budget: u32, max_running: usize) -> Schedule
         max_running,
         priority_groups: 10,
         decode_reserve: 0.0,
+        wait_order: WaitOrder::Priority,
     }
 }
 
@@ -150,6 +151,76 @@ fn a_repeated_prefix_is_reused_from_the_cache() {
     assert_eq!((p.items[0].start, p.items[0].extend), (999, 1));
 }
 
+/// The payloads in the order they are admitted, one request at a time, each finishing after
+/// one token.
+fn admission_order(s: &mut LocalScheduler<usize>) -> Vec<usize> {
+    let mut order = Vec::new();
+    while !s.is_idle() {
+        let plan = s.plan();
+        let sampled: Vec<Option<u32>> = plan.items.iter().map(|i| i.samples.then_some(1)).collect();
+        let got = s.commit(&plan, &sampled);
+        for (i, _) in got.into_iter().rev() {
+            order.push(s.finish(i).payload);
+        }
+    }
+    order
+}
+
+#[test]
+fn each_wait_order_admits_in_its_own_order() {
+    let hot: Vec<u32> = (0..900).collect();
+    let partial: Vec<u32> = (0..300).chain(20_000..20_600).collect();
+    let full: Vec<u32> = (0..901).collect();
+    let cold = |i: u32| -> Vec<u32> { (50_000 + 1000 * i..50_900 + 1000 * i).collect() };
+    let order_of = |wait_order: WaitOrder| {
+        let mut s = LocalScheduler::new(SchedulerConfig {
+            wait_order,
+            ..config(100_000, 4096, 1)
+        });
+        s.enqueue(usize::MAX, hot.clone(), 1).unwrap();
+        run_all(&mut s);
+        for (payload, prompt) in [
+            (0, cold(0)),
+            (1, partial.clone()),
+            (2, full.clone()),
+            (3, cold(1)),
+        ] {
+            s.enqueue(payload, prompt, 1).unwrap();
+        }
+        admission_order(&mut s)
+    };
+    assert_eq!(order_of(WaitOrder::Fcfs), [0, 1, 2, 3]);
+    assert_eq!(order_of(WaitOrder::LongestPrefix), [2, 1, 0, 3]);
+    assert_eq!(order_of(WaitOrder::Priority), [2, 1, 0, 3]);
+}
+
+#[test]
+fn longest_prefix_keeps_arrival_order_past_sglangs_sorting_limit() {
+    let hot: Vec<u32> = (0..900).collect();
+    let hot_at = |waiting_cold: usize| {
+        let mut s = LocalScheduler::new(SchedulerConfig {
+            wait_order: WaitOrder::LongestPrefix,
+            ..config(1_000_000, 4096, 1)
+        });
+        s.enqueue(usize::MAX, hot.clone(), 1).unwrap();
+        run_all(&mut s);
+        for i in 0..waiting_cold {
+            let base = 100_000 + 1000 * i as u32;
+            s.enqueue(i, (base..base + 500).collect(), 1).unwrap();
+        }
+        let mut again = hot.clone();
+        again.push(7);
+        s.enqueue(usize::MAX, again, 1).unwrap();
+        admission_order(&mut s)
+            .iter()
+            .position(|&p| p == usize::MAX)
+    };
+    // 128 waiting in all: sorted, the hot one goes first.
+    assert_eq!(hot_at(preble_localsched::LPM_MAX_SORTED - 1), Some(0));
+    // 130 waiting: unsorted until the queue is down to 128, two admissions later.
+    assert_eq!(hot_at(preble_localsched::LPM_MAX_SORTED + 1), Some(2));
+}
+
 #[test]
 fn a_low_hit_request_is_not_starved_by_a_stream_of_high_hit_ones() {
     // One admission per iteration (max_running 1 keeps the batch to one request at a time).
@@ -240,6 +311,7 @@ proptest! {
             max_running,
             priority_groups: 10,
             decode_reserve: 0.25,
+            wait_order: WaitOrder::Priority,
         });
         let mut expected = BTreeMap::new();
         for (i, (prompt, max)) in reqs.iter().enumerate() {
