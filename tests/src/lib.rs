@@ -538,8 +538,10 @@ impl TestCluster {
             for e in entries.flatten() {
                 if e.path().extension().is_some_and(|x| x == "log") {
                     let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                    // Backtrace frames would push the error they follow out of the tail.
                     let tail: String = text
                         .lines()
+                        .filter(|l| !is_backtrace_frame(l))
                         .rev()
                         .take(30)
                         .collect::<Vec<_>>()
@@ -692,4 +694,12 @@ pub async fn scrape_where(url: &str, metric: &str, labels: &str) -> Result<f64> 
         bail!("metric {metric} not found at {url}");
     }
     Ok(total)
+}
+
+/// Whether a log line is a frame of a printed backtrace (`  12: name` or `   at file:line`).
+fn is_backtrace_frame(line: &str) -> bool {
+    let t = line.trim_start();
+    t.starts_with("at ")
+        || t.split_once(": ")
+            .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
