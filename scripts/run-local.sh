@@ -3,10 +3,13 @@
 # with one user per service, each allowed only its own subjects (preble-nats-auth writes the
 # configuration and the credentials to .preble/run/nats/), the scheduler, $WORKERS simulated
 # GPUs and the gateway on 127.0.0.1:8000. NATS_NO_AUTH=1 uses the NATS on 127.0.0.1:4222
-# without authentication instead. Ctrl-C stops everything (each service drains first).
+# without authentication instead. ENGINE=torch runs the workers on the torch engine (needs the
+# binaries built with the feature `torch`; `make run-real` builds them and the real model).
+# Ctrl-C stops everything (each service drains first).
 set -euo pipefail
 WORKERS=${WORKERS:-4}
 MODEL_DIR=${MODEL_DIR:-models/preble-sim}
+ENGINE=${ENGINE:-sim}
 NATS_PORT=${NATS_PORT:-4223}
 AUTH_DIR=${NATS_AUTH_DIR:-.preble/run/nats}
 BIN=./target/debug
@@ -41,7 +44,7 @@ fi
 with_identity scheduler.env "$BIN/preble-scheduler" --http-addr 127.0.0.1:9000 & pids+=($!)
 for i in $(seq 0 $((WORKERS - 1))); do
   with_identity "worker-gpu-$i.env" "$BIN/preble-worker" --worker-id "gpu-$i" --model-dir "$MODEL_DIR" \
-    --http-addr "127.0.0.1:$((9100 + i))" & pids+=($!)
+    --engine "$ENGINE" --http-addr "127.0.0.1:$((9100 + i))" & pids+=($!)
 done
 with_identity gateway.env "$BIN/preble-gateway" --model-dir "$MODEL_DIR" --http-addr 127.0.0.1:8000 & pids+=($!)
 
@@ -52,7 +55,7 @@ done
 model=$(basename "$MODEL_DIR")
 cat <<MSG
 
-preble is up: OpenAI-compatible endpoint http://127.0.0.1:8000/v1 ($WORKERS simulated GPUs)
+preble is up: OpenAI-compatible endpoint http://127.0.0.1:8000/v1 ($WORKERS $ENGINE workers)
 try:
   curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{"model": "$model", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16}'

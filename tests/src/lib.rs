@@ -46,6 +46,22 @@ pub fn tiny_model_dir() -> PathBuf {
     dir
 }
 
+/// The real model, SmolLM2-135M-Instruct (`PREBLE_REAL_MODEL_DIR`, default
+/// `models/smollm2-135m-instruct`); panics with what to run when it has not been made.
+pub fn real_model_dir() -> PathBuf {
+    let dir = std::env::var_os("PREBLE_REAL_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/smollm2-135m-instruct")
+        });
+    assert!(
+        dir.join("model.safetensors").exists(),
+        "{} has no real model: run `make real-model` (make test-torch does)",
+        dir.display()
+    );
+    dir
+}
+
 /// The PyTorch virtualenv the torch engine builds against (`PREBLE_TORCH_VENV`, default
 /// `~/.cache/preble/torch-venv`, as `scripts/ensure-torch-venv.sh` makes it).
 pub fn torch_venv() -> PathBuf {
