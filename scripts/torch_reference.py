@@ -3,7 +3,8 @@
 
 Reads prompts (a JSON list of token-id lists), runs each alone through LlamaForCausalLM in
 f32, and writes a safetensors file with, for prompt i: `logits.i` (every position's logits,
-[len, vocab]) and `greedy.i` (the next N tokens by plain argmax, no end-of-sequence handling).
+[len, vocab]; with `--last-logits` only the last position's, [1, vocab]) and `greedy.i` (the
+next N tokens by plain argmax, no end-of-sequence handling).
 """
 import argparse
 import json
@@ -20,6 +21,7 @@ def main():
     parser.add_argument("prompts", type=pathlib.Path)
     parser.add_argument("out", type=pathlib.Path)
     parser.add_argument("--greedy-tokens", type=int, default=32)
+    parser.add_argument("--last-logits", action="store_true")
     args = parser.parse_args()
 
     model = LlamaForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
@@ -28,12 +30,16 @@ def main():
     with torch.no_grad():
         for i, prompt in enumerate(prompts):
             ids = torch.tensor([prompt], dtype=torch.long)
-            out[f"logits.{i}"] = model(ids).logits[0].contiguous()
+            result = model(ids, use_cache=True)
+            logits = result.logits[0]
+            out[f"logits.{i}"] = (logits[-1:] if args.last_logits else logits).contiguous()
             generated = []
+            past = result.past_key_values
             for _ in range(args.greedy_tokens):
-                next_id = int(model(ids).logits[0, -1].argmax())
+                next_id = int(logits[-1].argmax())
                 generated.append(next_id)
-                ids = torch.cat([ids, torch.tensor([[next_id]])], dim=1)
+                step = model(torch.tensor([[next_id]]), past_key_values=past, use_cache=True)
+                logits, past = step.logits[0], step.past_key_values
             out[f"greedy.{i}"] = torch.tensor(generated, dtype=torch.long)
     save_file(out, str(args.out))
 

@@ -46,6 +46,18 @@ pub fn tiny_model_dir() -> PathBuf {
     dir
 }
 
+/// A cluster of `workers` torch workers serving `model_dir` (16,384 KV slots each).
+pub fn torch_options(workers: usize, model_dir: PathBuf) -> Options {
+    Options {
+        workers,
+        model_dir: Some(model_dir),
+        worker_args: ["--engine", "torch", "--kv-capacity-tokens", "16384"]
+            .map(String::from)
+            .to_vec(),
+        ..Options::default()
+    }
+}
+
 /// The real model, SmolLM2-135M-Instruct (`PREBLE_REAL_MODEL_DIR`, default
 /// `models/smollm2-135m-instruct`); panics with what to run when it has not been made.
 pub fn real_model_dir() -> PathBuf {

@@ -19,7 +19,7 @@ use common::*;
 use preble_gateway::models::ServedModel;
 use preble_gateway::text::Detokenizer;
 use preble_protocol::ChatMessage;
-use preble_tests::{Options, TestCluster, real_model_dir, torch_venv};
+use preble_tests::{TestCluster, real_model_dir, torch_options, torch_venv};
 use serde_json::{Value, json};
 
 fn message(role: &str, content: &str) -> ChatMessage {
@@ -118,16 +118,9 @@ fn chat_prompts_and_decoded_streams_match_transformers() {
 
 #[tokio::test]
 async fn two_torch_workers_serve_smollm2_answering_streaming_and_reusing_the_system_prompt() {
-    let c = TestCluster::start(Options {
-        workers: 2,
-        model_dir: Some(real_model_dir()),
-        worker_args: ["--engine", "torch", "--kv-capacity-tokens", "16384"]
-            .map(String::from)
-            .to_vec(),
-        ..Options::default()
-    })
-    .await
-    .unwrap();
+    let c = TestCluster::start(torch_options(2, real_model_dir()))
+        .await
+        .unwrap();
     let question = json!({
         "model": c.model,
         "messages": [{"role": "user", "content": "What is the capital of France?"}],

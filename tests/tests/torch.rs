@@ -9,21 +9,14 @@
 mod common;
 
 use common::*;
-use preble_tests::{Options, TestCluster, tiny_model_dir};
+use preble_tests::{TestCluster, tiny_model_dir, torch_options};
 use serde_json::json;
 
 #[tokio::test]
 async fn torch_workers_answer_chat_and_reuse_cached_prefixes() {
-    let c = TestCluster::start(Options {
-        workers: 2,
-        model_dir: Some(tiny_model_dir()),
-        worker_args: ["--engine", "torch", "--kv-capacity-tokens", "16384"]
-            .map(String::from)
-            .to_vec(),
-        ..Options::default()
-    })
-    .await
-    .unwrap();
+    let c = TestCluster::start(torch_options(2, tiny_model_dir()))
+        .await
+        .unwrap();
     let body = json!({
         "model": c.model,
         "messages": [

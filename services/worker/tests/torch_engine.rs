@@ -1,9 +1,10 @@
 //! The torch engine against Hugging Face `transformers` on the project's tiny Llama: logits
 //! parity, greedy continuations, exact prefix reuse, batched vs single decode, sharded
-//! checkpoints and loading errors.
+//! checkpoints and loading errors; and on real weights (SmolLM2-135M-Instruct): greedy tokens
+//! batched, a cached prefix and chunked prefill.
 //!
-//! Needs `make tiny-model` (the model) and the torch virtualenv (the reference); `make
-//! test-torch` provides both. Missing either fails the tests loudly.
+//! Needs `make tiny-model` and `make real-model` (the models) and the torch virtualenv (the
+//! reference); `make test-torch` provides them. Missing any fails the tests loudly.
 #![cfg(feature = "torch")]
 
 use std::collections::HashMap;
@@ -48,7 +49,11 @@ fn options(capacity: u64) -> TorchOptions {
 }
 
 fn load(dir: &Path) -> TorchEngine {
-    TorchEngine::load(dir, &options(8192)).expect("the tiny model loads")
+    load_with(dir, 8192)
+}
+
+fn load_with(dir: &Path, capacity: u64) -> TorchEngine {
+    TorchEngine::load(dir, &options(capacity)).expect("the model loads")
 }
 
 /// Prompts of different lengths with token ids spread over the vocabulary (seeded).
@@ -69,8 +74,13 @@ struct Reference {
     greedy: Vec<Vec<u32>>,
 }
 
-/// Runs `scripts/torch_reference.py` on `prompts`.
+/// Runs `scripts/torch_reference.py` on `prompts` (every position's logits).
 fn reference(dir: &Path, prompts: &[Vec<u32>]) -> Reference {
+    reference_with(dir, prompts, &[])
+}
+
+/// Runs `scripts/torch_reference.py` on `prompts` with extra flags.
+fn reference_with(dir: &Path, prompts: &[Vec<u32>], flags: &[&str]) -> Reference {
     let work = tempfile::tempdir().unwrap();
     let prompts_path = work.path().join("prompts.json");
     std::fs::write(&prompts_path, serde_json::to_string(prompts).unwrap()).unwrap();
@@ -81,6 +91,7 @@ fn reference(dir: &Path, prompts: &[Vec<u32>]) -> Reference {
         .arg(dir)
         .arg(&prompts_path)
         .arg(&out)
+        .args(flags)
         .status()
         .expect("running the reference script");
     assert!(status.success(), "the reference script failed");
@@ -127,9 +138,37 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// Every prompt computed in one forward pass, prompt `i` in slots from `i * room`.
+fn prefill_together(
+    engine: &mut TorchEngine,
+    prompts: &[Vec<u32>],
+    room: u32,
+    of: LogitsOf,
+) -> Vec<Vec<f32>> {
+    let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    let slots = slot_ranges(&lens, 0, room);
+    let seqs: Vec<SeqInput<'_>> = prompts
+        .iter()
+        .zip(&slots)
+        .map(|(p, s)| SeqInput {
+            tokens: p,
+            start: 0,
+            slots: s,
+        })
+        .collect();
+    engine
+        .logits(&seqs, &vec![true; prompts.len()], of)
+        .unwrap()
+}
+
+/// Slots each prompt gets in [`greedy_batched`]: its length plus the steps, at least 256.
+fn slot_room(prompts: &[Vec<u32>], steps: usize) -> u32 {
+    (prompts.iter().map(Vec::len).max().unwrap_or(0) + steps).max(256) as u32
+}
+
 /// Greedy continuation of every prompt, all decoded together in each step.
 fn greedy_batched(engine: &mut TorchEngine, prompts: &[Vec<u32>], steps: usize) -> Vec<Vec<u32>> {
-    let room = 256;
+    let room = slot_room(prompts, steps);
     let mut tokens: Vec<Vec<u32>> = prompts.to_vec();
     let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
     let mut slots = slot_ranges(&lens, 0, room);
@@ -166,20 +205,7 @@ fn logits_and_greedy_continuations_match_transformers() {
     let reference = reference(&dir, &prompts);
 
     // All prompts in one forward pass, every position's logits.
-    let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
-    let slots = slot_ranges(&lens, 0, 256);
-    let seqs: Vec<SeqInput<'_>> = prompts
-        .iter()
-        .zip(&slots)
-        .map(|(p, s)| SeqInput {
-            tokens: p,
-            start: 0,
-            slots: s,
-        })
-        .collect();
-    let rows = engine
-        .logits(&seqs, &vec![true; prompts.len()], LogitsOf::All)
-        .unwrap();
+    let rows = prefill_together(&mut engine, &prompts, 256, LogitsOf::All);
     let mut row = 0;
     for (i, prompt) in prompts.iter().enumerate() {
         for position in 0..prompt.len() {
@@ -418,4 +444,113 @@ fn loading_errors_are_clear() {
     let mut nonsense = options(1024);
     nonsense.device = "tpu".into();
     assert!(load_error(&dir, &nonsense).to_string().contains("tpu"));
+}
+
+/// Logits on real weights agree with transformers this closely in f32 (30 layers of
+/// accumulated rounding; the largest difference is printed).
+const REAL_LOGIT_TOLERANCE: f32 = 5e-4;
+
+/// The last position's logits of `prompt`, prefilled in chunks of `chunk` tokens, after the
+/// first `cached` tokens were computed by another sequence into the same slots.
+fn last_logits_chunked(
+    engine: &mut TorchEngine,
+    prompt: &[u32],
+    cached: usize,
+    chunk: usize,
+) -> Vec<f32> {
+    let slots: Vec<u32> = (0..prompt.len() as u32).collect();
+    if cached > 0 {
+        engine
+            .logits(
+                &[SeqInput {
+                    tokens: &prompt[..cached],
+                    start: 0,
+                    slots: &slots[..cached],
+                }],
+                &[false],
+                LogitsOf::Last,
+            )
+            .unwrap();
+    }
+    let mut start = cached;
+    let mut last = Vec::new();
+    while start < prompt.len() {
+        let end = (start + chunk).min(prompt.len());
+        let rows = engine
+            .logits(
+                &[SeqInput {
+                    tokens: &prompt[start..end],
+                    start,
+                    slots: &slots[..end],
+                }],
+                &[end == prompt.len()],
+                LogitsOf::Last,
+            )
+            .unwrap();
+        if end == prompt.len() {
+            last = rows.into_iter().next().unwrap();
+        }
+        start = end;
+    }
+    last
+}
+
+#[test]
+fn real_weights_match_transformers_batched_cached_and_chunked() {
+    let dir = preble_tests::real_model_dir();
+    let lens = [5usize, 17, 40, 96, 150, 300, 700, 2000];
+    // Ordinary text tokens (ids past the special ones), seeded.
+    let prompts: Vec<Vec<u32>> = lens
+        .iter()
+        .enumerate()
+        .map(|(p, &len)| {
+            (0..len)
+                .map(|i| 100 + (preble_prefix::mix64((p * 100_000 + i) as u64) % 20_000) as u32)
+                .collect()
+        })
+        .collect();
+    let reference = reference_with(&dir, &prompts, &["--last-logits"]);
+    let steps = 32;
+    let capacity = u64::from(slot_room(&prompts, steps)) * prompts.len() as u64;
+
+    // Every prompt prefilled in one batch: the last position's logits.
+    let rows = prefill_together(
+        &mut load_with(&dir, capacity),
+        &prompts,
+        slot_room(&prompts, steps),
+        LogitsOf::Last,
+    );
+    let mut largest = 0.0f32;
+    for (i, row) in rows.iter().enumerate() {
+        let diff = max_abs_diff(row, &reference.logits[i][0]);
+        largest = largest.max(diff);
+        assert!(
+            diff < REAL_LOGIT_TOLERANCE,
+            "prompt {i} ({} tokens): logits differ by {diff}",
+            lens[i]
+        );
+    }
+    eprintln!("largest logit difference from transformers, f32: {largest:e}");
+
+    // Greedy, all eight decoded together, token for token transformers' (each alone).
+    let greedy = greedy_batched(&mut load_with(&dir, capacity), &prompts, steps);
+    for (i, (ours, theirs)) in greedy.iter().zip(&reference.greedy).enumerate() {
+        assert_eq!(
+            ours, theirs,
+            "prompt {i} ({} tokens): greedy tokens differ",
+            lens[i]
+        );
+    }
+
+    // The 2,000-token prompt in 512-token chunks, and with its first 1,500 tokens cached.
+    let long = &prompts[7];
+    for (cached, chunk) in [(0, 512), (1500, 256)] {
+        let last = last_logits_chunked(&mut load_with(&dir, 4096), long, cached, chunk);
+        let diff = max_abs_diff(&last, &reference.logits[7][0]);
+        assert!(
+            diff < REAL_LOGIT_TOLERANCE,
+            "cached {cached}, chunks of {chunk}: logits differ by {diff}"
+        );
+        assert_eq!(argmax(&last), reference.greedy[7][0]);
+    }
 }
