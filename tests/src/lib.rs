@@ -46,6 +46,34 @@ pub fn tiny_model_dir() -> PathBuf {
     dir
 }
 
+/// A virtualenv with the `openai` package, created on first use (needs `python3 -m venv` and
+/// access to PyPI; fails loudly without them).
+pub fn openai_python() -> PathBuf {
+    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/openai-venv");
+    let python = venv.join("bin/python");
+    let ready = Command::new(&python)
+        .args(["-c", "import openai"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ready {
+        let made = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 runs");
+        assert!(
+            made.success(),
+            "python3 -m venv {venv:?} failed (apt-get install python3-venv)"
+        );
+        let installed = Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet", "openai"])
+            .status()
+            .expect("pip runs");
+        assert!(installed.success(), "pip install openai failed");
+    }
+    python
+}
+
 /// A cluster of `workers` torch workers serving `model_dir` (16,384 KV slots each).
 pub fn torch_options(workers: usize, model_dir: PathBuf) -> Options {
     Options {

@@ -1,39 +1,10 @@
 //! The official `openai` Python client (installed with pip into a virtualenv under `target/`)
 //! lists models, completes, chats and streams against the gateway, and gets OpenAI errors.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
-use preble_tests::{Options, TestCluster};
+use preble_tests::{Options, TestCluster, openai_python};
 use serde_json::Value;
-
-/// A virtualenv with the `openai` package, created on first use (needs `python3 -m venv` and
-/// access to PyPI; fails loudly without them).
-fn openai_python() -> PathBuf {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/openai-venv");
-    let python = venv.join("bin/python");
-    let ready = Command::new(&python)
-        .args(["-c", "import openai"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ready {
-        let made = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .expect("python3 runs");
-        assert!(
-            made.success(),
-            "python3 -m venv {venv:?} failed (apt-get install python3-venv)"
-        );
-        let installed = Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", "openai"])
-            .status()
-            .expect("pip runs");
-        assert!(installed.success(), "pip install openai failed");
-    }
-    python
-}
 
 #[tokio::test]
 async fn the_official_openai_python_client_works_against_the_gateway() {

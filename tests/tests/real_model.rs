@@ -3,23 +3,22 @@
 //! - the gateway's chat prompts are token for token what transformers' `apply_chat_template`
 //!   makes, and its streaming detokeniser, fed one token at a time, gives what transformers'
 //!   `decode(..., skip_special_tokens=True)` gives;
-//! - a chat answers the question, streamed, stops at `<|im_end|>` with `finish_reason` `stop`,
-//!   and a repeated long system prompt is served from the cache.
+//! - through the official `openai` client, a chat answers the question, streamed, stops at
+//!   `<|im_end|>` with `finish_reason` `stop`; stop strings end it, a seed repeats a sampled
+//!   answer, a repeated long system prompt is served from the cache, and a prompt past the
+//!   context is refused with `context_length_exceeded`.
 //!
 //! Needs the worker built with the torch engine, the torch venv and the model; `make
 //! test-torch` makes all three.
 #![cfg(feature = "torch")]
 
-mod common;
-
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use common::*;
 use preble_gateway::models::ServedModel;
 use preble_gateway::text::Detokenizer;
 use preble_protocol::ChatMessage;
-use preble_tests::{TestCluster, real_model_dir, torch_options, torch_venv};
+use preble_tests::{TestCluster, openai_python, real_model_dir, torch_options, torch_venv};
 use serde_json::{Value, json};
 
 fn message(role: &str, content: &str) -> ChatMessage {
@@ -117,57 +116,63 @@ fn chat_prompts_and_decoded_streams_match_transformers() {
 }
 
 #[tokio::test]
-async fn two_torch_workers_serve_smollm2_answering_streaming_and_reusing_the_system_prompt() {
+async fn the_official_openai_client_chats_with_smollm2_on_two_torch_workers() {
+    let python = tokio::task::spawn_blocking(openai_python).await.unwrap();
     let c = TestCluster::start(torch_options(2, real_model_dir()))
         .await
         .unwrap();
-    let question = json!({
-        "model": c.model,
-        "messages": [{"role": "user", "content": "What is the capital of France?"}],
-        "max_tokens": 40,
-        "temperature": 0,
-    });
-    let (status, answer) = post(&c.gateway, "/v1/chat/completions", &question).await;
-    assert_eq!(status, 200, "{answer}\n{}", c.logs());
-    let content = answer["choices"][0]["message"]["content"].as_str().unwrap();
-    assert!(content.contains("Paris"), "{content:?}");
-    assert!(!content.contains("<|im_end|>"), "{content:?}");
-    assert_eq!(answer["choices"][0]["finish_reason"], "stop", "{answer}");
-    assert!(answer["usage"]["completion_tokens"].as_u64().unwrap() < 40);
-
-    let mut streamed_request = question.clone();
-    streamed_request["stream"] = json!(true);
-    let (status, events) = stream(&c.gateway, "/v1/chat/completions", &streamed_request).await;
-    assert_eq!(status, 200);
-    assert_eq!(
-        streamed_text(&events),
-        content,
-        "greedy: the stream says the same"
-    );
-    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-
-    let system: String = (0..60)
-        .map(|i| format!("Guideline {i}: keep answers short, exact and polite. "))
-        .collect();
-    let ask = |q: &str| {
-        json!({
-            "model": c.model,
-            "messages": [{"role": "system", "content": system}, {"role": "user", "content": q}],
-            "max_tokens": 8,
-            "temperature": 0,
-        })
-    };
-    let (status, first) = post(&c.gateway, "/v1/chat/completions", &ask("Name a colour.")).await;
-    assert_eq!(status, 200, "{first}");
-    let (status, again) = post(&c.gateway, "/v1/chat/completions", &ask("Name a fruit.")).await;
-    assert_eq!(status, 200, "{again}");
-    let prompt = again["usage"]["prompt_tokens"].as_u64().unwrap();
-    let cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
-        .as_u64()
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/openai_real_model.py");
+    let output = tokio::process::Command::new(python)
+        .arg(script)
+        .arg(&c.gateway)
+        .arg(&c.model)
+        .output()
+        .await
         .unwrap();
-    assert!(prompt > 500, "{again}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "openai client failed:\n{stdout}\n{}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        c.logs()
+    );
+    let seen: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let text = |key: &str| seen[key].as_str().unwrap_or_default().to_string();
+
+    // A real answer, ended by the model at <|im_end|>, which never shows.
+    let answer = text("answer");
+    assert!(answer.contains("Paris"), "{answer:?}");
+    assert!(!answer.contains("<|im_end|>"), "{answer:?}");
+    assert_eq!(seen["answer_finish"], "stop", "{seen}");
+    assert!(seen["answer_tokens"].as_u64().unwrap() < 40, "{seen}");
+    // Streamed, greedy: the same text, the same ending.
+    assert_eq!(text("streamed"), answer);
+    assert_eq!(seen["streamed_finish"], "stop");
+    // A stop string ends the text before it.
+    let stopped = text("stopped");
+    assert!(
+        answer.starts_with(&stopped) && !stopped.contains("Paris"),
+        "{stopped:?}"
+    );
+    assert_eq!(seen["stopped_finish"], "stop");
+    // Seeded sampling: the same seed, the same text; another seed, another.
+    let sampled: Vec<&str> = seen["sampled"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(sampled[0], sampled[1], "same seed");
+    assert_ne!(sampled[0], sampled[2], "another seed");
+    // A repeated long system prompt is served from the cache.
+    let prompt = seen["repeat_prompt_tokens"].as_u64().unwrap();
+    let cached = seen["repeat_cached_tokens"].as_u64().unwrap();
+    assert!(prompt > 500, "{seen}");
     assert!(
         cached * 10 >= prompt * 9,
         "the system prompt ({prompt} tokens) should be served from the cache, {cached} were"
     );
+    // Past the model's 8,192-token context.
+    assert_eq!(seen["too_long"], "context_length_exceeded", "{seen}");
 }
