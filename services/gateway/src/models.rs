@@ -12,6 +12,7 @@ use serde_json::Value;
 use tokenizers::Tokenizer;
 
 use crate::error::ApiError;
+use crate::openai::SamplingDefaults;
 
 /// One served model.
 pub struct ServedModel {
@@ -23,6 +24,8 @@ pub struct ServedModel {
     pub context_len: u32,
     /// Unix time the gateway loaded it (the `created` of `/v1/models`).
     pub created: u64,
+    /// Sampling for what a request leaves out, from `generation_config.json`.
+    pub sampling_defaults: SamplingDefaults,
     /// The same tokenizer with special-token matching off: special-token text is plain text.
     pub(crate) plain_tokenizer: Tokenizer,
     /// The special tokens' texts and ids, longest text first.
@@ -59,7 +62,8 @@ fn token_string(value: Option<&Value>) -> String {
 
 impl ServedModel {
     /// Loads a model directory: `tokenizer.json` and `config.json` are required,
-    /// `tokenizer_config.json` is optional.
+    /// `tokenizer_config.json` and `generation_config.json` are optional; one that is there
+    /// but cannot be read, or asks for sampling no request could, is an error.
     pub fn load(dir: &Path) -> Result<ServedModel> {
         let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))
             .map_err(|e| anyhow!("loading {}: {e}", dir.join("tokenizer.json").display()))?;
@@ -76,6 +80,13 @@ impl ServedModel {
             Value::Null
         };
         let name = preble_modeldir::served_name(dir)?;
+        let generation_config_path = dir.join("generation_config.json");
+        let sampling_defaults = if generation_config_path.exists() {
+            SamplingDefaults::from_generation_config(&read_json(&generation_config_path)?)
+                .map_err(|e| anyhow!("{}: {e}", generation_config_path.display()))?
+        } else {
+            SamplingDefaults::default()
+        };
         let templates = match crate::template::find(dir, &tokenizer_config)? {
             Some(template) => Some(compile_template(template)?),
             None => {
@@ -111,6 +122,7 @@ impl ServedModel {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             templates,
+            sampling_defaults,
             bos_token: token_string(tokenizer_config.get("bos_token")),
             eos_token: token_string(tokenizer_config.get("eos_token")),
         })
@@ -337,6 +349,54 @@ mod tests {
         .unwrap();
         let chat_model = ServedModel::load(&path).unwrap();
         assert_eq!(chat_model.render_chat(&chat).unwrap(), "[Hi]");
+    }
+
+    #[test]
+    fn generation_config_sets_the_sampling_requests_leave_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tuned");
+        preble_modelgen::write_sim_model(&path, &preble_modelgen::SimModelOptions::default())
+            .unwrap();
+        let generation = path.join("generation_config.json");
+        let mut config = read_json(&generation).unwrap();
+        let set = |config: &mut Value, key: &str, v: Value| {
+            config.as_object_mut().unwrap().insert(key.into(), v);
+        };
+        set(&mut config, "temperature", 0.6.into());
+        set(&mut config, "top_p", 0.9.into());
+        set(&mut config, "top_k", 20.into());
+        std::fs::write(&generation, config.to_string()).unwrap();
+        let m = ServedModel::load(&path).unwrap();
+        let defaults = m.sampling_defaults;
+        assert_eq!(
+            (defaults.temperature, defaults.top_p, defaults.top_k),
+            (0.6, 0.9, Some(20))
+        );
+        let parse =
+            |json: &str| -> crate::openai::CommonParams { serde_json::from_str(json).unwrap() };
+        let omitted = parse("{}").validate(16, &defaults).unwrap().sampling;
+        assert_eq!(
+            (omitted.temperature, omitted.top_p, omitted.top_k),
+            (0.6, 0.9, Some(20))
+        );
+        let given = parse(r#"{"temperature":0,"top_p":1,"top_k":-1}"#)
+            .validate(16, &defaults)
+            .unwrap()
+            .sampling;
+        assert_eq!(
+            (given.temperature, given.top_p, given.top_k),
+            (0.0, 1.0, None)
+        );
+        // A value no request could ask for fails the load, naming file and field.
+        set(&mut config, "temperature", 7.into());
+        std::fs::write(&generation, config.to_string()).unwrap();
+        let e = ServedModel::load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("generation_config.json") && e.contains("temperature"),
+            "{e}"
+        );
+        std::fs::write(&generation, "{not json").unwrap();
+        assert!(ServedModel::load(&path).is_err());
     }
 
     #[test]

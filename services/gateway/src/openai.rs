@@ -36,6 +36,66 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
+/// The sampling a model's `generation_config.json` asks for when a request does not say: its
+/// `temperature`, `top_p` and `top_k` (as vLLM applies them), else OpenAI's defaults.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SamplingDefaults {
+    /// Temperature when the request gives none.
+    pub temperature: f32,
+    /// `top_p` when the request gives none.
+    pub top_p: f32,
+    /// `top_k` when the request gives none (`None`: no limit).
+    pub top_k: Option<u32>,
+}
+
+impl Default for SamplingDefaults {
+    /// OpenAI's: temperature 1, `top_p` 1, no `top_k`.
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: None,
+        }
+    }
+}
+
+impl SamplingDefaults {
+    /// The defaults a `generation_config.json` sets; a value outside what requests may ask
+    /// is an error naming it.
+    pub fn from_generation_config(config: &Value) -> Result<Self, String> {
+        let mut out = Self::default();
+        let number = |key: &str| -> Result<Option<f64>, String> {
+            match config.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => v
+                    .as_f64()
+                    .map(Some)
+                    .ok_or_else(|| format!("{key} is not a number: {v}")),
+            }
+        };
+        if let Some(t) = number("temperature")? {
+            if !(0.0..=2.0).contains(&t) {
+                return Err(format!("temperature {t} is outside 0..=2"));
+            }
+            out.temperature = t as f32;
+        }
+        if let Some(p) = number("top_p")? {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(format!("top_p {p} is outside (0, 1]"));
+            }
+            out.top_p = p as f32;
+        }
+        if let Some(k) = number("top_k")? {
+            out.top_k = match k {
+                k if k == -1.0 || k == 0.0 => None,
+                k if k >= 1.0 && k.fract() == 0.0 && k <= f64::from(u32::MAX) => Some(k as u32),
+                k => return Err(format!("top_k {k} is not -1, 0 or a positive integer")),
+            };
+        }
+        Ok(out)
+    }
+}
+
 /// Parameters common to completions and chat.
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct CommonParams {
@@ -234,8 +294,13 @@ pub struct Generation {
 }
 
 impl CommonParams {
-    /// Validates the parameters; `default_max_tokens` applies when none is given.
-    pub fn validate(&self, default_max_tokens: u32) -> Result<Generation, ApiError> {
+    /// Validates the parameters; `default_max_tokens` and the model's `defaults` apply to what
+    /// the request does not give.
+    pub fn validate(
+        &self,
+        default_max_tokens: u32,
+        defaults: &SamplingDefaults,
+    ) -> Result<Generation, ApiError> {
         if let Some(n) = self.n
             && n != 1
         {
@@ -254,19 +319,20 @@ impl CommonParams {
                 "max_tokens must be at least 1",
             ));
         }
-        let temperature = self.temperature.unwrap_or(1.0);
+        let temperature = self.temperature.unwrap_or(defaults.temperature);
         if !(0.0..=2.0).contains(&temperature) {
             return Err(ApiError::invalid(
                 "temperature",
                 "temperature must be between 0 and 2",
             ));
         }
-        let top_p = self.top_p.unwrap_or(1.0);
+        let top_p = self.top_p.unwrap_or(defaults.top_p);
         if !(top_p > 0.0 && top_p <= 1.0) {
             return Err(ApiError::invalid("top_p", "top_p must be in (0, 1]"));
         }
         let top_k = match self.top_k {
-            None | Some(-1) => None,
+            None => defaults.top_k,
+            Some(-1) => None,
             Some(k) if k >= 1 => Some(u32::try_from(k).unwrap_or(u32::MAX)),
             Some(_) => {
                 return Err(ApiError::invalid(
@@ -493,7 +559,11 @@ mod tests {
 
     #[test]
     fn validation_rejects_unsupported_and_out_of_range() {
-        let p = |json: &str| parse::<CommonParams>(json.as_bytes()).unwrap().validate(16);
+        let p = |json: &str| {
+            parse::<CommonParams>(json.as_bytes())
+                .unwrap()
+                .validate(16, &SamplingDefaults::default())
+        };
         assert_eq!(p(r#"{"n":2}"#).unwrap_err().param.as_deref(), Some("n"));
         assert_eq!(
             p(r#"{"temperature":3}"#).unwrap_err().param.as_deref(),

@@ -257,7 +257,7 @@ impl Inner {
         };
         let model = self.models.get(&model)?;
         // Parameters are checked before the (costly) tokenisation.
-        params.validate(default_max_tokens)?;
+        params.validate(default_max_tokens, &model.sampling_defaults)?;
         let prompt = match input {
             PromptInput::Text(text) => {
                 model.check_text_len(text.len(), param)?;
@@ -271,7 +271,7 @@ impl Inner {
             PromptInput::Tokens(ids) => ids,
         };
         let room = model.context_len.saturating_sub(prompt.len() as u32).max(1);
-        let generation = params.validate(default_max_tokens.min(room))?;
+        let generation = params.validate(default_max_tokens.min(room), &model.sampling_defaults)?;
         model.check_prompt(&prompt, generation.sampling.max_tokens, param)?;
         Ok(Prepared {
             endpoint,

@@ -33,20 +33,13 @@ impl ModelInfo {
         let config = read_json(&dir.join("config.json"))?;
         let vocab_size = field_u32(&config, "vocab_size")?;
         let context_len = field_u32(&config, "max_position_embeddings")?;
-        let generation = dir.join("generation_config.json");
-        let eos_source = if generation.exists() {
-            read_json(&generation)?
+        let generation_path = dir.join("generation_config.json");
+        let generation = if generation_path.exists() {
+            Some(read_json(&generation_path)?)
         } else {
-            config.clone()
+            None
         };
-        let eos_token_ids = match eos_source.get("eos_token_id") {
-            Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
-            Some(Value::Array(items)) => items
-                .iter()
-                .filter_map(|v| v.as_u64().map(|n| n as u32))
-                .collect(),
-            _ => Vec::new(),
-        };
+        let eos_token_ids = eos_token_ids(generation.as_ref(), &config, vocab_size)?;
         let tokenizer = read_json(&dir.join("tokenizer.json"))?;
         let special_token_ids = tokenizer
             .get("added_tokens")
@@ -73,6 +66,43 @@ impl ModelInfo {
             partial_token_ids,
         })
     }
+}
+
+/// The ids that end generation: `eos_token_id` of `generation_config.json` where it gives one,
+/// else of `config.json`; a number or a list of numbers, each inside the vocabulary. A model
+/// with none, or with one the worker cannot read, is refused: it would only ever stop at
+/// `max_tokens`.
+fn eos_token_ids(generation: Option<&Value>, config: &Value, vocab_size: u32) -> Result<Vec<u32>> {
+    let (file, value) = match generation.and_then(|g| g.get("eos_token_id")) {
+        Some(v) if !v.is_null() => ("generation_config.json", v),
+        _ => match config.get("eos_token_id") {
+            Some(v) if !v.is_null() => ("config.json", v),
+            _ => bail!(
+                "no eos_token_id in generation_config.json or config.json: the worker could not tell where a generation ends"
+            ),
+        },
+    };
+    let items: Vec<&Value> = match value {
+        Value::Array(items) => items.iter().collect(),
+        single => vec![single],
+    };
+    let ids = items
+        .iter()
+        .map(|v| {
+            v.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|&n| n < vocab_size)
+                .with_context(|| {
+                    format!(
+                        "{file}: eos_token_id {v} is not a token id below vocab_size {vocab_size}"
+                    )
+                })
+        })
+        .collect::<Result<Vec<u32>>>()?;
+    if ids.is_empty() {
+        bail!("{file}: eos_token_id is an empty list");
+    }
+    Ok(ids)
 }
 
 /// Ids in a byte-level BPE vocabulary whose bytes are not valid UTF-8 by themselves (empty
@@ -124,6 +154,33 @@ fn field_u32(value: &Value, name: &str) -> Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn eos_comes_from_generation_config_then_config_and_must_be_valid() {
+        let config = serde_json::json!({"eos_token_id": 2});
+        let ids = |g: Option<Value>| eos_token_ids(g.as_ref(), &config, 100);
+        assert_eq!(ids(None).unwrap(), [2]);
+        assert_eq!(
+            ids(Some(serde_json::json!({"eos_token_id": [2, 7]}))).unwrap(),
+            [2, 7]
+        );
+        // A generation config without one falls back to config.json.
+        assert_eq!(
+            ids(Some(serde_json::json!({"temperature": 0.6}))).unwrap(),
+            [2]
+        );
+        for bad in [
+            serde_json::json!({"eos_token_id": 100}),
+            serde_json::json!({"eos_token_id": [2, "x"]}),
+            serde_json::json!({"eos_token_id": -1}),
+            serde_json::json!({"eos_token_id": []}),
+        ] {
+            let e = ids(Some(bad.clone())).unwrap_err().to_string();
+            assert!(e.contains("generation_config.json"), "{bad}: {e}");
+        }
+        let none = eos_token_ids(None, &serde_json::json!({}), 100).unwrap_err();
+        assert!(none.to_string().contains("no eos_token_id"), "{none}");
+    }
 
     #[test]
     fn byte_level_pieces_of_characters_are_found() {
