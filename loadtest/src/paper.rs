@@ -4,8 +4,10 @@
 //! The paper's public code writes an experiment as `[prefix patterns, requests, requests/s]`
 //! for 2 GPUs and multiplies all three by GPUs/2 (rounding patterns and requests), with uniform
 //! ("EVEN") or Zipf popularity over the patterns and Poisson arrivals. The tuples below are the
-//! ones its configuration files list (the file each comes from is named with it). Where this
-//! replay departs from that code:
+//! ones its configuration files list (the file each comes from is named with it). The embodied
+//! agent's and programming's active lines survive only in copies of that code in derived
+//! repositories (the original has them commented out, or with 100 patterns for programming).
+//! Where this replay departs from that code:
 //! - popularity "uniform" draws each request's pattern at random; the code gives every pattern
 //!   exactly `requests / patterns` requests;
 //! - the embodied-agent runs are open loop (the code releases a conversation's next turn when

@@ -4,10 +4,10 @@
 //! prompt chunks of running requests under the prefill token budget (chunked prefill, mixed
 //! with the decodes); then new requests are admitted in the configured [`WaitOrder`] (the
 //! priority groups by default, first come first served, or SGLang's longest prefix match)
-//! while the budget, the running cap and the KV slots allow. Slots are exact: a request holds one slot per token
-//! whose KV is computed or about to be; when decodes cannot get slots even after eviction, the
-//! most recently admitted requests are preempted (their own slots freed, their prefix unpinned)
-//! and queued again to be recomputed.
+//! while the budget, the running cap and the KV slots allow. Slots are exact: a request holds
+//! one slot per token whose KV is computed or about to be; when decodes cannot get slots even
+//! after eviction, the most recently admitted requests are preempted (their own slots freed,
+//! their prefix unpinned) and queued again to be recomputed.
 //!
 //! Lifecycle: [`LocalScheduler::enqueue`], then per iteration [`LocalScheduler::plan`], run the
 //! engine over the plan, [`LocalScheduler::commit`] the sampled tokens, and
