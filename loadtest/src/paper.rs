@@ -299,7 +299,7 @@ pub fn trace_arrivals(
             first + count
         );
     };
-    let base = slice[0];
+    let base = slice.first().copied().unwrap_or_default();
     Ok(slice.iter().map(|t| (t - base) * scale).collect())
 }
 
