@@ -612,6 +612,33 @@ impl TestCluster {
         out
     }
 
+    /// Runs `tests/python/<script>` with the official `openai` client against the gateway
+    /// (arguments: gateway URL, model) and returns the JSON object it prints; panics with the
+    /// script's output and the services' logs when it fails.
+    pub async fn run_openai_script(&self, script: &str) -> serde_json::Value {
+        let python = tokio::task::spawn_blocking(openai_python)
+            .await
+            .expect("making the openai venv");
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("python")
+            .join(script);
+        let output = tokio::process::Command::new(python)
+            .arg(&script)
+            .arg(&self.gateway)
+            .arg(&self.model)
+            .output()
+            .await
+            .expect("running the openai client");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "openai client failed:\n{stdout}\n{}\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            self.logs()
+        );
+        serde_json::from_str(stdout.trim()).expect("the client script prints one JSON object")
+    }
+
     /// Process ids of the running services, by role (`gateway`, `scheduler`, worker ids).
     pub fn pids(&self) -> Vec<(String, u32)> {
         let mut out: Vec<(String, u32)> = self

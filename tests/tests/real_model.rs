@@ -18,7 +18,7 @@ use std::process::{Command, Stdio};
 use preble_gateway::models::ServedModel;
 use preble_gateway::text::Detokenizer;
 use preble_protocol::ChatMessage;
-use preble_tests::{TestCluster, openai_python, real_model_dir, torch_options, torch_venv};
+use preble_tests::{TestCluster, real_model_dir, torch_options, torch_venv};
 use serde_json::{Value, json};
 
 fn message(role: &str, content: &str) -> ChatMessage {
@@ -117,27 +117,10 @@ fn chat_prompts_and_decoded_streams_match_transformers() {
 
 #[tokio::test]
 async fn the_official_openai_client_chats_with_smollm2_on_two_torch_workers() {
-    let python = tokio::task::spawn_blocking(openai_python).await.unwrap();
     let c = TestCluster::start(torch_options(2, real_model_dir()))
         .await
         .unwrap();
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/openai_real_model.py");
-    let output = tokio::process::Command::new(python)
-        .arg(script)
-        .arg(&c.gateway)
-        .arg(&c.model)
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "openai client failed:\n{stdout}\n{}\n{}",
-        String::from_utf8_lossy(&output.stderr),
-        c.logs()
-    );
-    let seen: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let seen = c.run_openai_script("openai_real_model.py").await;
     let text = |key: &str| seen[key].as_str().unwrap_or_default().to_string();
 
     // A real answer, ended by the model at <|im_end|>, which never shows.
