@@ -159,3 +159,52 @@ pub fn true_root_span(i: u32) -> preble_protocol::KvInserted {
         tokens,
     }
 }
+
+/// Streams `body` (a streaming request) and kills the worker serving it once it has
+/// generated `after_tokens` of it: the first worker whose generated-token count grows that
+/// much past where it stood. Returns the stream's status and events, and which worker died.
+pub async fn stream_killing_its_worker(
+    c: &mut preble_tests::TestCluster,
+    path: &'static str,
+    body: &Value,
+    after_tokens: f64,
+) -> (u16, Vec<String>, usize) {
+    let before = futures::future::join_all(
+        c.workers
+            .iter()
+            .map(|w| preble_tests::scrape(&w.metrics_url, "preble:generation_tokens_total")),
+    )
+    .await;
+    let gateway = c.gateway.clone();
+    let request = body.clone();
+    let streaming = tokio::spawn(async move { stream(&gateway, path, &request).await });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let busy = 'found: loop {
+        for (i, worker) in c.workers.iter().enumerate() {
+            let now = preble_tests::scrape(&worker.metrics_url, "preble:generation_tokens_total")
+                .await
+                .unwrap_or(0.0);
+            let was = before.get(i).and_then(|b| b.as_ref().ok()).copied();
+            if now - was.unwrap_or(0.0) >= after_tokens {
+                break 'found i;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no worker generated {after_tokens} tokens; logs:\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    c.workers[busy].kill();
+    let (status, events) = tokio::time::timeout(std::time::Duration::from_secs(60), streaming)
+        .await
+        .expect("the stream ends")
+        .expect("the streaming task");
+    (status, events, busy)
+}
+
+/// The error events of a stream.
+pub fn error_events(events: &[String]) -> Vec<&String> {
+    events.iter().filter(|e| e.contains("\"error\"")).collect()
+}

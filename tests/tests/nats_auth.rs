@@ -303,3 +303,72 @@ async fn a_nats_outage_drops_no_worker_and_fails_no_request_sent_during_it() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test]
+async fn streams_in_flight_through_a_nats_outage_end_as_if_undisturbed() {
+    let mut c = TestCluster::start(Options {
+        workers: 2,
+        time_scale: 1.0,
+        auth: true,
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let max_tokens = 400;
+    let bodies: Vec<serde_json::Value> = (0..6)
+        .map(|i| {
+            json!({"model": c.model, "prompt": format!("A story told through an outage, part {i}"),
+                   "max_tokens": max_tokens, "temperature": 0.8, "seed": i})
+        })
+        .collect();
+    let undisturbed = futures::future::join_all(
+        bodies
+            .iter()
+            .map(|body| post(&c.gateway, "/v1/completions", body)),
+    )
+    .await;
+    let generated_before = c.worker_sum("preble:generation_tokens_total").await;
+    let streams: Vec<_> = bodies
+        .iter()
+        .map(|body| {
+            let gateway = c.gateway.clone();
+            let mut body = body.clone();
+            body["stream"] = json!(true);
+            tokio::spawn(async move { stream(&gateway, "/v1/completions", &body).await })
+        })
+        .collect();
+    // Every stream is under way (a few dozen tokens each) when NATS goes down for 4 s.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while c.worker_sum("preble:generation_tokens_total").await < generated_before + 6.0 * 30.0 {
+        assert!(std::time::Instant::now() < deadline, "{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        streams.iter().all(|s| !s.is_finished()),
+        "streams outlast the outage"
+    );
+    c.nats
+        .as_mut()
+        .unwrap()
+        .restart(Duration::from_secs(4))
+        .await
+        .unwrap();
+    for (stream, (status, reference)) in streams.into_iter().zip(undisturbed) {
+        assert_eq!(status, 200, "{reference}");
+        let (status, events) = tokio::time::timeout(Duration::from_secs(60), stream)
+            .await
+            .expect("the stream ends")
+            .unwrap();
+        assert_eq!(status, 200);
+        assert!(
+            error_events(&events).is_empty(),
+            "a stream failed: {events:?}\n{}",
+            c.logs()
+        );
+        assert_eq!(
+            streamed_text(&events),
+            reference["choices"][0]["text"].as_str().unwrap(),
+            "every stream whole, as if undisturbed"
+        );
+    }
+}

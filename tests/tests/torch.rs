@@ -63,3 +63,42 @@ async fn torch_workers_answer_chat_and_reuse_cached_prefixes() {
     assert!(!streamed_text(&a).is_empty());
     assert_eq!(streamed_text(&a), streamed_text(&b));
 }
+
+#[tokio::test]
+async fn a_greedy_stream_whose_torch_worker_dies_goes_on_on_the_other_exactly() {
+    let mut c = TestCluster::start(torch_options(2, tiny_model_dir()))
+        .await
+        .unwrap();
+    let body = json!({
+        "model": c.model,
+        "prompt": "The scheduler lost a worker in the middle of this answer, and",
+        "max_tokens": 1500,
+        "temperature": 0,
+        "ignore_eos": true,
+    });
+    let (status, reference) = post(&c.gateway, "/v1/completions", &body).await;
+    assert_eq!(status, 200, "{reference}\n{}", c.logs());
+    let reference_text = reference["choices"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let mut streaming = body.clone();
+    streaming["stream"] = json!(true);
+    let (status, events, _) =
+        stream_killing_its_worker(&mut c, "/v1/completions", &streaming, 100.0).await;
+    assert_eq!(status, 200);
+    assert!(error_events(&events).is_empty(), "{events:?}\n{}", c.logs());
+    assert_eq!(
+        streamed_text(&events),
+        reference_text,
+        "the other worker computed the shown output as prompt and went on as if undisturbed"
+    );
+    let metrics = format!("{}/metrics", c.gateway);
+    assert_eq!(
+        preble_tests::scrape(&metrics, "preble:streams_resumed_total")
+            .await
+            .unwrap(),
+        1.0
+    );
+}

@@ -26,8 +26,10 @@ pub struct Metrics {
     pub malformed_messages: IntCounter,
     /// Duplicate stream messages dropped.
     pub duplicate_messages: IntCounter,
-    /// Requests queued again because their worker was lost before any output.
+    /// Requests queued again because their worker was lost (before or after output).
     pub resubmissions: IntCounter,
+    /// Streams that lost their worker after showing output and went on on another.
+    pub resumed_streams: IntCounter,
     /// Requests refused at admission, by reason (`overloaded`, `rate_limited`).
     pub refused: IntCounterVec,
     /// Client connections open.
@@ -112,7 +114,12 @@ impl Metrics {
             resubmissions: counter(
                 &registry,
                 "preble:requests_resubmitted_total",
-                "Requests queued again because their worker was lost before any output",
+                "Requests queued again because their worker was lost",
+            ),
+            resumed_streams: counter(
+                &registry,
+                "preble:streams_resumed_total",
+                "Streams that lost their worker after showing output and resumed on another",
             ),
             refused: reg(
                 &registry,

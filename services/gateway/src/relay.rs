@@ -1,13 +1,24 @@
 //! Submits a tokenised request over NATS and yields its token stream in order.
 //!
 //! The stream subscription is made before the request is published, so nothing is missed.
-//! Messages are reordered by `seq`; duplicates are dropped; a gap that does not fill, or
-//! silence longer than the idle timeout, ends the stream with an error. Dropping a
+//! Messages are reordered by `seq`; duplicates are dropped; silence longer than the idle
+//! timeout ends the stream with an error. Dropping a
 //! [`Generation`] before its end (client gone, stop string hit) broadcasts a cancellation so
-//! the worker stops computing it. A request whose worker is lost before the caller saw any of
-//! its output is queued again (and routed to another worker) instead of failing.
+//! the worker stops computing it.
+//!
+//! A request whose worker is lost, or whose stream lost messages (a gap, or silence after
+//! this gateway reconnected to NATS, that nothing repairs within two seconds), is queued
+//! again, as a new attempt routed like any request (Dynamo's request migration). Before any output it simply starts over; after output, the
+//! attempt's prompt is the original prompt plus every token the caller has seen, and the
+//! worker continues at that output position
+//! ([`preble_protocol::GenerateRequest::resumed_tokens`]). Sampling depends only on (seed,
+//! position), so a seeded or greedy stream goes on exactly as it would have, and the caller
+//! sees one uninterrupted stream. Each attempt has its own id (`{request}-a{n}`) and stream
+//! subject, so nothing of a lost attempt mixes in, and the lost attempt is cancelled in case
+//! its worker is alive after all.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use async_nats::{Client, HeaderMap, Subscriber, jetstream};
@@ -21,11 +32,15 @@ use tracing::{Span, debug, field::Empty, warn};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 
-/// Messages held past a missing one before the stream is declared broken.
+/// Messages held past a missing one before the stream is taken as broken at once.
 const MAX_REORDER: usize = 256;
 
-/// Times a request is queued again when its worker is lost before it produced any output.
+/// Times a request is queued again after losing its worker.
 const MAX_RESUBMISSIONS: u32 = 2;
+
+/// The most output a stream may have shown and still resume on another worker, which must
+/// compute it again as prompt.
+const MAX_RESUMED_TOKENS: usize = 16_384;
 
 /// What a generation yields.
 #[derive(Clone, Debug, PartialEq)]
@@ -105,6 +120,7 @@ impl Relay {
                 completion_tokens = Empty,
                 cached_tokens = Empty,
                 resubmissions = Empty,
+                resumed_tokens = Empty,
                 error = Empty,
             )
         });
@@ -120,6 +136,12 @@ impl Relay {
         request.gateway_id = Some(self.gateway_id.clone());
         let subscription = self.publish(&request, &span).await?;
         Ok(Generation {
+            prompt_len: request.prompt_tokens.len(),
+            max_tokens: request.sampling.max_tokens,
+            delivered: Vec::new(),
+            last_heard: Instant::now(),
+            suspect_since: None,
+            connects_seen: self.client.statistics().connects.load(Ordering::Relaxed),
             guard: CancelGuard {
                 client: self.client.clone(),
                 subject: self.subjects.cancel(),
@@ -204,7 +226,52 @@ impl Relay {
     }
 }
 
-/// Broadcasts a cancellation when dropped while armed.
+/// How long a stream may look broken (a gap, or silence after this gateway reconnected to
+/// NATS) before the rest is asked of a new attempt.
+const STREAM_PATIENCE: Duration = Duration::from_secs(2);
+
+/// How often a waiting stream checks whether the gateway reconnected to NATS.
+const RECONNECT_POLL: Duration = Duration::from_millis(250);
+
+/// What waiting on a stream heard.
+enum Heard {
+    /// A message on the attempt's subject.
+    Message(async_nats::Message),
+    /// Messages were lost and nothing repaired it in time.
+    Interrupted,
+    /// Silence for the idle timeout.
+    Nothing,
+    /// The subscription ended.
+    Closed,
+}
+
+/// Why a request is queued again.
+#[derive(Clone, Copy)]
+enum Cause {
+    /// The scheduler declared its worker lost.
+    WorkerLost,
+    /// Its token stream lost messages.
+    Interrupted,
+}
+
+impl Cause {
+    fn as_str(self) -> &'static str {
+        match self {
+            Cause::WorkerLost => "its worker was lost",
+            Cause::Interrupted => "its token stream was interrupted",
+        }
+    }
+}
+
+/// What queueing a request again led to.
+enum Attempt {
+    /// A new attempt is on its way.
+    Queued,
+    /// Nothing was left to generate: the stream ends with this.
+    Complete(StreamBody),
+}
+
+/// Broadcasts a cancellation of the current attempt when dropped while armed.
 struct CancelGuard {
     client: Client,
     subject: String,
@@ -212,22 +279,28 @@ struct CancelGuard {
     armed: bool,
 }
 
-impl Drop for CancelGuard {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
+impl CancelGuard {
+    /// Broadcasts a cancellation of the current attempt, without waiting for it.
+    fn cancel_now(&self, reason: &str) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let client = self.client.clone();
-        let subject = std::mem::take(&mut self.subject);
-        let cancel = Cancel::new(std::mem::take(&mut self.request_id), "client went away");
+        let subject = self.subject.clone();
+        let cancel = Cancel::new(self.request_id.clone(), reason);
         runtime.spawn(async move {
             if let Err(e) = client.publish(subject, encode(&cancel).into()).await {
                 warn!(error = %e, "failed to publish a cancellation");
             }
         });
+    }
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            self.cancel_now("client went away");
+        }
     }
 }
 
@@ -244,10 +317,22 @@ pub struct Generation {
     span: Span,
     /// For queueing the request again.
     relay: Relay,
-    /// The request as last queued.
+    /// The request as last queued: the current attempt.
     request: GenerateRequest,
     /// Times the request was queued again after losing its worker.
     resubmissions: u32,
+    /// Length of the prompt the caller sent.
+    prompt_len: usize,
+    /// The caller's `max_tokens`.
+    max_tokens: u32,
+    /// Every token yielded to the caller so far, over all attempts.
+    delivered: Vec<u32>,
+    /// When the current attempt last sent a message (or started).
+    last_heard: Instant,
+    /// Since when messages of the current attempt may have been lost (see [`Self::wait`]).
+    suspect_since: Option<Instant>,
+    /// The gateway's NATS connection count when last looked at.
+    connects_seen: u64,
 }
 
 impl Generation {
@@ -269,42 +354,43 @@ impl Generation {
         loop {
             if let Some(body) = self.buffer.remove(&self.next_seq) {
                 self.next_seq += 1;
+                if self.buffer.is_empty() {
+                    self.suspect_since = None;
+                }
                 return Some(self.deliver(body));
             }
-            if self.buffer.len() > MAX_REORDER {
-                return Some(self.fail(ApiError::new(
-                    ErrorCode::Internal,
-                    format!("token stream lost message {}", self.next_seq),
-                )));
-            }
-            let message =
-                match tokio::time::timeout(self.idle_timeout, self.subscription.next()).await {
-                    Err(_) => {
-                        return Some(self.fail(ApiError::new(
-                            ErrorCode::Timeout,
-                            format!("no tokens for {} s", self.idle_timeout.as_secs()),
-                        )));
-                    }
-                    Ok(None) => {
-                        return Some(
-                            self.fail(ApiError::new(ErrorCode::Internal, "message bus closed")),
-                        );
-                    }
-                    Ok(Some(message)) => message,
-                };
+            let message = match self.wait().await {
+                Heard::Message(message) => message,
+                Heard::Interrupted => match self.retry(Cause::Interrupted).await {
+                    None => continue,
+                    end => return end,
+                },
+                Heard::Nothing => {
+                    return Some(self.fail(ApiError::new(
+                        ErrorCode::Timeout,
+                        format!("no tokens for {} s", self.idle_timeout.as_secs()),
+                    )));
+                }
+                Heard::Closed => {
+                    return Some(
+                        self.fail(ApiError::new(ErrorCode::Internal, "message bus closed")),
+                    );
+                }
+            };
             let message = match decode::<StreamMessage>(&message.payload) {
-                Ok(m) if m.request_id == self.request_id => m,
+                Ok(m) if m.request_id == self.request.request_id => m,
                 Ok(_) | Err(_) => {
                     self.metrics.malformed_messages.inc();
                     warn!(request = %self.request_id, "malformed or foreign message on a token stream");
                     continue;
                 }
             };
+            self.last_heard = Instant::now();
             if let StreamBody::Error { code, .. } = &message.body {
-                if *code == ErrorCode::WorkerLost && self.next_seq == 0 {
-                    match self.resubmit().await {
-                        Ok(()) => continue,
-                        Err(e) => return Some(self.fail(e)),
+                if *code == ErrorCode::WorkerLost {
+                    match self.retry(Cause::WorkerLost).await {
+                        None => continue,
+                        end => return end,
                     }
                 }
                 return Some(self.deliver(message.body));
@@ -313,33 +399,142 @@ impl Generation {
                 self.metrics.duplicate_messages.inc();
                 continue;
             }
+            if message.seq > self.next_seq {
+                self.suspect_since.get_or_insert_with(Instant::now);
+            }
             self.buffer.insert(message.seq, message.body);
+            if self.buffer.len() > MAX_REORDER
+                && let Some(end) = self.retry(Cause::Interrupted).await
+            {
+                return Some(end);
+            }
         }
     }
 
-    /// Queues the request again after its worker was lost before the caller saw any of its
-    /// output, on a fresh stream subject so that nothing from the lost attempt can mix in.
-    /// Gives up (with `worker_lost`) after [`MAX_RESUBMISSIONS`].
-    async fn resubmit(&mut self) -> Result<(), ApiError> {
+    /// Waits for the next message of the current attempt, watching for what says some of its
+    /// messages were lost: a gap or a reconnection of this gateway to NATS (core NATS does
+    /// not keep what was published while the subscription was away) that no message repairs
+    /// within [`STREAM_PATIENCE`].
+    async fn wait(&mut self) -> Heard {
+        loop {
+            let now = Instant::now();
+            let interrupted_at = self.suspect_since.map(|since| since + STREAM_PATIENCE);
+            if interrupted_at.is_some_and(|at| now >= at) {
+                return Heard::Interrupted;
+            }
+            let idle_at = self.last_heard + self.idle_timeout;
+            if now >= idle_at {
+                return Heard::Nothing;
+            }
+            let until = [Some(idle_at), interrupted_at, Some(now + RECONNECT_POLL)]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(idle_at);
+            match tokio::time::timeout_at(until.into(), self.subscription.next()).await {
+                Ok(Some(message)) => return Heard::Message(message),
+                Ok(None) => return Heard::Closed,
+                Err(_) => {
+                    let connects = self.connects();
+                    if connects != self.connects_seen {
+                        self.connects_seen = connects;
+                        self.suspect_since.get_or_insert(now);
+                    }
+                }
+            }
+        }
+    }
+
+    /// How many times this gateway has connected to NATS.
+    fn connects(&self) -> u64 {
+        self.relay
+            .client
+            .statistics()
+            .connects
+            .load(Ordering::Relaxed)
+    }
+
+    /// Queues the request again: `None` when a new attempt is on its way, else how the
+    /// stream ends.
+    async fn retry(&mut self, cause: Cause) -> Option<Result<RelayEvent, ApiError>> {
+        match self.resubmit(cause).await {
+            Ok(Attempt::Queued) => None,
+            Ok(Attempt::Complete(end)) => Some(self.deliver(end)),
+            Err(e) => Some(self.fail(e)),
+        }
+    }
+
+    /// Queues the request again after its worker was lost or its stream broke: a new attempt
+    /// that resumes after the output the caller has seen. Gives up (with `worker_lost`) after
+    /// [`MAX_RESUBMISSIONS`], or when more than [`MAX_RESUMED_TOKENS`] were shown.
+    async fn resubmit(&mut self, cause: Cause) -> Result<Attempt, ApiError> {
+        let shown = self.delivered.len();
         if self.resubmissions >= MAX_RESUBMISSIONS {
             return Err(ApiError::new(
                 ErrorCode::WorkerLost,
-                format!("lost {} workers before any output", self.resubmissions + 1),
+                format!(
+                    "{}, {} times in all (after {shown} tokens of output)",
+                    cause.as_str(),
+                    self.resubmissions + 1
+                ),
             ));
         }
+        if shown > MAX_RESUMED_TOKENS {
+            return Err(ApiError::new(
+                ErrorCode::WorkerLost,
+                format!(
+                    "{} after {shown} tokens, more than a stream resumes ({MAX_RESUMED_TOKENS})",
+                    cause.as_str()
+                ),
+            ));
+        }
+        let left = self.max_tokens.saturating_sub(shown as u32);
+        if left == 0 {
+            // Every token arrived; only the final message was lost with the worker.
+            return Ok(Attempt::Complete(StreamBody::Final {
+                finish_reason: FinishReason::Length,
+                usage: Usage {
+                    prompt_tokens: self.prompt_len as u32,
+                    cached_tokens: 0,
+                    completion_tokens: shown as u32,
+                },
+                timings: Default::default(),
+            }));
+        }
+        self.guard.cancel_now(cause.as_str());
         self.resubmissions += 1;
-        self.request.stream_key = format!("{}-retry{}", self.request_id, self.resubmissions);
-        warn!(request = %self.request_id, attempt = self.resubmissions, "worker lost before any output: queued again");
+        let attempt = format!("{}-a{}", self.request_id, self.resubmissions);
+        self.request.request_id = attempt.clone();
+        self.request.stream_key = attempt.clone();
+        self.request.prompt_tokens.truncate(self.prompt_len);
+        self.request
+            .prompt_tokens
+            .extend_from_slice(&self.delivered);
+        self.request.resumed_tokens = shown as u32;
+        self.request.sampling.max_tokens = left;
+        warn!(request = %self.request_id, attempt = self.resubmissions, resumed_tokens = shown, "{}: queued again", cause.as_str());
         self.subscription = self.relay.publish(&self.request, &self.span).await?;
+        self.guard.request_id = attempt;
         self.buffer.clear();
+        self.next_seq = 0;
+        self.suspect_since = None;
+        self.last_heard = Instant::now();
+        self.connects_seen = self.connects();
         self.metrics.resubmissions.inc();
+        if shown > 0 {
+            self.metrics.resumed_streams.inc();
+        }
         self.span.record("resubmissions", self.resubmissions);
-        Ok(())
+        self.span.record("resumed_tokens", shown);
+        Ok(Attempt::Queued)
     }
 
     fn deliver(&mut self, body: StreamBody) -> Result<RelayEvent, ApiError> {
         match body {
-            StreamBody::Tokens { token_ids } => Ok(RelayEvent::Tokens(token_ids)),
+            StreamBody::Tokens { token_ids } => {
+                self.delivered.extend_from_slice(&token_ids);
+                Ok(RelayEvent::Tokens(token_ids))
+            }
             StreamBody::Final {
                 finish_reason,
                 usage,

@@ -68,6 +68,7 @@ fn serve(
             prompt_hash: r.id as u64,
             sampling: &r.sampling,
             seed: 0,
+            output_offset: 0,
         });
         let output = engine.step(&steps).expect("the step runs");
         drop(steps);

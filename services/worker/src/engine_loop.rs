@@ -29,8 +29,11 @@ pub struct Active {
     pub stream_subject: String,
     /// How to sample.
     pub sampling: SamplingParams,
-    /// Hash of its prompt (the sim engine's tokens depend on it).
+    /// Hash of its original prompt (the sim engine's tokens depend on it).
     pub prompt_hash: u64,
+    /// Output an earlier attempt streamed, at the end of its prompt
+    /// ([`preble_protocol::GenerateRequest::resumed_tokens`]).
+    pub resumed_tokens: u32,
     /// Sampling seed: the request's own, else one drawn at acceptance.
     pub seed: u64,
     /// `worker.request`: from acceptance to the end, child of the scheduler's route span.
@@ -278,6 +281,7 @@ impl EngineLoop {
             prompt_hash: active.prompt_hash,
             sampling: &active.sampling,
             seed: active.seed,
+            output_offset: active.resumed_tokens,
         });
         let result = self.engine.step(&steps);
         drop(steps);
@@ -377,11 +381,14 @@ impl EngineLoop {
     }
 
     /// Sends the final stream message and the finished event.
+    /// A resumed request's usage counts its original prompt and its whole output.
     async fn end(&mut self, seq: Sequence<Active>, ending: Ending) {
+        let resumed = seq.payload.resumed_tokens;
+        let prompt_tokens = seq.prompt_len().saturating_sub(resumed);
         let usage = Usage {
-            prompt_tokens: seq.prompt_len(),
-            cached_tokens: seq.cached_prompt_tokens(),
-            completion_tokens: seq.generated().len() as u32,
+            prompt_tokens,
+            cached_tokens: seq.cached_prompt_tokens().min(prompt_tokens),
+            completion_tokens: seq.generated().len() as u32 + resumed,
         };
         self.ids.remove(&seq.payload.request_id);
         self.gateways.remove(&seq.payload.request_id);
@@ -480,9 +487,12 @@ impl EngineLoop {
             warn!(error = %e, "failed to publish the end of a stream");
         }
         let ttft_ms = since(active.first_token_at) as f64 / 1e3;
+        let generated_here = usage
+            .completion_tokens
+            .saturating_sub(active.resumed_tokens);
         let tpot_ms = match active.first_token_at {
-            Some(first) if usage.completion_tokens > 1 => {
-                first.elapsed().as_secs_f64() * 1e3 / f64::from(usage.completion_tokens - 1)
+            Some(first) if generated_here > 1 => {
+                first.elapsed().as_secs_f64() * 1e3 / f64::from(generated_here - 1)
             }
             _ => 0.0,
         };

@@ -281,7 +281,8 @@ async fn serve_dispatch(
                         || tracing::info_span!(parent: &span, "worker.queue"),
                     ));
                     let active = Active {
-                        prompt_hash: preble_prefix::path_hash(&request.prompt_tokens),
+                        prompt_hash: preble_prefix::path_hash(request.original_prompt()),
+                        resumed_tokens: request.resumed_tokens,
                         seed,
                         span,
                         phase,
@@ -343,6 +344,17 @@ fn validate(config: &Config, dispatch: &Dispatch) -> Result<(), DispatchOutcome>
         return Err(reject(
             ErrorCode::InvalidRequest,
             "empty prompt".into(),
+            false,
+        ));
+    }
+    if r.resumed_tokens as usize >= r.prompt_tokens.len() {
+        return Err(reject(
+            ErrorCode::InvalidRequest,
+            format!(
+                "resumed_tokens ({}) must be fewer than the prompt's {} tokens",
+                r.resumed_tokens,
+                r.prompt_tokens.len()
+            ),
             false,
         ));
     }

@@ -111,6 +111,13 @@ pub struct GenerateRequest {
     /// request has nobody to answer and its worker stops it.
     #[serde(default)]
     pub gateway_id: Option<String>,
+    /// How many of `prompt_tokens`' last tokens are output an earlier attempt already streamed
+    /// to the client (the stream lost its worker and resumes here). The worker counts them as
+    /// output positions `0..resumed_tokens`, so a seeded or greedy request continues exactly
+    /// as it would have, and reports usage of the original prompt and the whole output.
+    /// `sampling.max_tokens` is what is left to generate.
+    #[serde(default)]
+    pub resumed_tokens: u32,
 }
 
 /// A gateway instance's proof of life, on [`crate::Subjects::gateway_beat`]: workers stop the
@@ -145,7 +152,17 @@ impl GenerateRequest {
             submitted_at_ms: 0,
             user: None,
             gateway_id: None,
+            resumed_tokens: 0,
         }
+    }
+
+    /// The prompt the client sent: `prompt_tokens` without the output of earlier attempts.
+    pub fn original_prompt(&self) -> &[u32] {
+        let original = self
+            .prompt_tokens
+            .len()
+            .saturating_sub(self.resumed_tokens as usize);
+        &self.prompt_tokens[..original]
     }
 }
 

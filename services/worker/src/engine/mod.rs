@@ -47,6 +47,9 @@ pub struct RequestView<'a> {
     pub sampling: &'a SamplingParams,
     /// Its sampling seed.
     pub seed: u64,
+    /// Output positions an earlier attempt already produced (the first token sampled here is
+    /// output token `output_offset`).
+    pub output_offset: u32,
 }
 
 /// The engine's batch for an iteration the local scheduler planned; `view` tells each
@@ -67,7 +70,7 @@ pub fn step_batch<'a, T>(
                 prompt_hash: request.prompt_hash,
                 sampling: request.sampling,
                 seed: request.seed,
-                output_index: seq.generated().len() as u32,
+                output_index: request.output_offset + seq.generated().len() as u32,
                 work: SeqWork {
                     extend: item.extend,
                     context: item.start,
