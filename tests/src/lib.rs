@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod faults;
+
 /// NATS URL the tests use.
 pub const NATS_URL: &str = "nats://127.0.0.1:4222";
 
@@ -172,6 +174,87 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// Waits until something listens on `port` on loopback (a server starting); panics after 10 s.
+pub fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on port {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A `redis-server` of a test's own on `port` (no persistence to disk); stopped when dropped.
+pub struct RedisServer {
+    /// Its port.
+    pub port: u16,
+    child: Child,
+}
+
+impl RedisServer {
+    /// Starts it and waits until it listens.
+    pub fn start(port: u16) -> RedisServer {
+        let child = Self::spawn(port);
+        RedisServer { port, child }
+    }
+
+    fn spawn(port: u16) -> Child {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/ensure-services.sh installs it)");
+        wait_for_port(port);
+        child
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills it (everything it held is gone).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Kills it, waits `down`, and starts an empty one on the same port.
+    pub async fn restart(&mut self, down: Duration) {
+        self.stop();
+        tokio::time::sleep(down).await;
+        let port = self.port;
+        self.child = tokio::task::spawn_blocking(move || Self::spawn(port))
+            .await
+            .expect("redis-server starts");
+    }
+
+    /// Length of the value at `key` (0 when absent).
+    pub fn strlen(&self, key: &str) -> u64 {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "STRLEN", key])
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// How to start a test cluster.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -251,6 +334,9 @@ pub struct TestCluster {
     scheduler_args: Vec<String>,
     env: Vec<(String, String)>,
     scheduler_starts: usize,
+    gateway_args: Vec<String>,
+    gateway_env: Vec<(String, String)>,
+    more_gateways: Vec<Child>,
     /// The NATS server the cluster uses.
     pub nats_url: String,
     /// With `auth`: the cluster's own NATS server (users, permissions, credential files).
@@ -516,21 +602,21 @@ impl TestCluster {
                 child,
             });
         }
+        let mut gateway_args: Vec<String> = ["--nats-url", &nats_url, "--subject-prefix", &prefix]
+            .map(String::from)
+            .to_vec();
+        gateway_args.push("--model-dir".into());
+        gateway_args.push(model_dir.to_string_lossy().into_owned());
+        gateway_args.extend(["--stream-idle-timeout-s", "20"].map(String::from));
+        let mut gateway_env = identity("gateway.env")?;
+        gateway_env.extend(options.env.iter().chain(&options.gateway_env).cloned());
         let gateway_port = free_port();
-        let mut gateway = Command::new(binary("preble-gateway"));
-        gateway
-            .args(["--nats-url", &nats_url, "--subject-prefix", &prefix])
-            .arg("--model-dir")
-            .arg(&model_dir)
-            .args(["--http-addr", &format!("127.0.0.1:{gateway_port}")])
-            .args(["--stream-idle-timeout-s", "20"])
-            .stdout(Stdio::null())
-            .stderr(log("gateway")?)
-            .envs(identity("gateway.env")?);
-        for (k, v) in options.env.iter().chain(&options.gateway_env) {
-            gateway.env(k, v);
-        }
-        children.push(gateway.spawn().context("starting the gateway")?);
+        children.push(spawn_gateway(
+            &gateway_args,
+            &gateway_env,
+            gateway_port,
+            log("gateway")?,
+        )?);
         let cluster = TestCluster {
             prefix,
             gateway: format!("http://127.0.0.1:{gateway_port}"),
@@ -542,6 +628,9 @@ impl TestCluster {
             scheduler_args,
             env: scheduler_env,
             scheduler_starts: 1,
+            gateway_args,
+            gateway_env,
+            more_gateways: Vec::new(),
             nats_url,
             nats,
             dir,
@@ -644,6 +733,7 @@ impl TestCluster {
         let mut out: Vec<(String, u32)> = self
             .children
             .iter()
+            .chain(&self.more_gateways)
             .map(|c| ("gateway".to_string(), c.id()))
             .collect();
         if let Some(s) = &self.scheduler {
@@ -677,12 +767,35 @@ impl TestCluster {
 }
 
 impl TestCluster {
-    /// Kills the gateway at once (SIGKILL: no drain, its clients' connections die with it).
+    /// Kills the first gateway at once (SIGKILL: no drain, its clients' connections die with
+    /// it); gateways from [`Self::start_gateway`] live on.
     pub fn kill_gateway(&mut self) {
         for c in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Starts one more gateway on the cluster's prefix (logging to `gateway-N.log`) and waits
+    /// until it answers; returns its base URL.
+    pub async fn start_gateway(&mut self) -> Result<String> {
+        let port = free_port();
+        let name = format!("gateway-{}.log", self.more_gateways.len() + 2);
+        let log = Stdio::from(std::fs::File::create(self.dir.path().join(name))?);
+        let child = spawn_gateway(&self.gateway_args, &self.gateway_env, port, log)?;
+        self.more_gateways.push(child);
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !reqwest::get(format!("{url}/health"))
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            if Instant::now() > deadline {
+                bail!("the extra gateway did not start:\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(url)
     }
 
     /// Kills the scheduler at once (no drain), like a crash.
@@ -706,6 +819,22 @@ impl TestCluster {
         self.scheduler = Some(child);
         Ok(())
     }
+}
+
+fn spawn_gateway(
+    args: &[String],
+    env: &[(String, String)],
+    port: u16,
+    log: Stdio,
+) -> Result<Child> {
+    Command::new(binary("preble-gateway"))
+        .args(args)
+        .args(["--http-addr", &format!("127.0.0.1:{port}")])
+        .envs(env.iter().cloned())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("starting a gateway")
 }
 
 fn spawn_scheduler(
@@ -735,7 +864,7 @@ impl Drop for TestCluster {
         for w in &mut self.workers {
             w.kill();
         }
-        for c in &mut self.children {
+        for c in self.children.iter_mut().chain(&mut self.more_gateways) {
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -3,41 +3,18 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
 use futures::StreamExt;
 use preble_protocol::{ApiEvent, ApiEventBody, ApiRequest, Subjects, decode, encode};
-use preble_tests::{NATS_URL, Options, TestCluster, binary, free_port};
+use preble_tests::{NATS_URL, Options, TestCluster};
 use serde_json::json;
 
 #[tokio::test]
 async fn two_gateways_answer_each_request_once() {
-    let c = TestCluster::start(Options::default()).await.unwrap();
-    let port = free_port();
-    let log = std::fs::File::create(c.dir.path().join("gateway-2.log")).unwrap();
-    let mut second = Command::new(binary("preble-gateway"))
-        .args([
-            "--nats-url",
-            NATS_URL,
-            "--nats-no-auth",
-            "--subject-prefix",
-            &c.prefix,
-        ])
-        .arg("--model-dir")
-        .arg(c.dir.path().join(&c.model))
-        .args(["--http-addr", &format!("127.0.0.1:{port}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .unwrap();
-    let second_url = format!("http://127.0.0.1:{port}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while reqwest::get(format!("{second_url}/health")).await.is_err() {
-        assert!(std::time::Instant::now() < deadline, "{}", c.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut c = TestCluster::start(Options::default()).await.unwrap();
+    let second_url = c.start_gateway().await.unwrap();
     for gateway in [&c.gateway, &second_url] {
         let (status, body) = post(
             gateway,
@@ -78,6 +55,4 @@ async fn two_gateways_answer_each_request_once() {
         let expected: Vec<u64> = (0..seqs.len() as u64).collect();
         assert_eq!(seqs, expected, "request {i}: every event once, in order");
     }
-    let _ = second.kill();
-    let _ = second.wait();
 }

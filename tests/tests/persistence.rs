@@ -9,65 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::post;
-use preble_tests::{Options, TestCluster, free_port, scrape};
+use preble_tests::{Options, RedisServer, TestCluster, free_port, scrape, wait_for_port};
 use serde_json::json;
-
-/// Waits until something listens on `port` (a redis-server starting).
-fn wait_for_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-struct Redis {
-    port: u16,
-    child: Child,
-}
-
-impl Redis {
-    fn start(port: u16) -> Redis {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (scripts/ensure-services.sh installs it)");
-        wait_for_port(port);
-        Redis { port, child }
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Length of the value at `key` (0 when absent).
-    fn strlen(&self, key: &str) -> u64 {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string(), "STRLEN", key])
-            .output()
-            .expect("redis-cli runs");
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -86,7 +29,7 @@ fn request(model: &str, family: u32, unique: u32) -> serde_json::Value {
 #[tokio::test]
 async fn routing_survives_redis_restarts_and_persistence_catches_up() {
     let port = free_port();
-    let mut redis = Redis::start(port);
+    let mut redis = RedisServer::start(port);
     let mut cluster = TestCluster::start(Options {
         workers: 2,
         scheduler_args: vec![
@@ -135,7 +78,7 @@ async fn routing_survives_redis_restarts_and_persistence_catches_up() {
     .await;
 
     // Redis returns empty: the scheduler catches up with a fresh snapshot.
-    let redis = Redis::start(port);
+    let redis = RedisServer::start(port);
     let snapshots = metric("preble:scheduler_tree_snapshots_total").await;
     let (status, _) = post(
         &cluster.gateway,
