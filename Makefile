@@ -4,7 +4,7 @@ CARGO ?= cargo
 MODEL_DIR ?= models/preble-sim
 WORKERS ?= 4
 
-.PHONY: run test bench lint fmt model build services loadtest up nats-auth torch-env tiny-model \
+.PHONY: run test bench lint fmt model build services loadtest up nats-auth torch-env tiny-model faults fuzz \
 	bench-model real-model run-real test-torch build-torch lint-torch bench-torch
 
 # The torch engine builds against the libtorch of a PyTorch 2.13.0 virtualenv kept outside
@@ -83,6 +83,23 @@ bench-torch: bench-model
 lint-torch: torch-env
 	$(TORCH_ENV) $(CARGO) clippy -p preble-worker -p preble-tests --features $(TORCH_FEATURES) \
 		--all-targets -- -D warnings
+
+## faults: the fault suite at full size (600 streams per fault, 3,000 at once for the overload)
+faults:
+	./scripts/ensure-services.sh
+	$(CARGO) build --release --workspace --bins
+	./target/release/preble-faults --json loadtest-report/faults.json
+
+## fuzz: each fuzz target for FUZZ_SECONDS (cargo-fuzz on the nightly toolchain; CI: 30 s)
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := protocol_decode openai_request traces
+fuzz:
+	./scripts/ensure-cargo-fuzz.sh
+	for t in $(FUZZ_TARGETS); do \
+		mkdir -p fuzz/corpus/$$t && \
+		$(CARGO) +nightly fuzz run --fuzz-dir fuzz $$t fuzz/corpus/$$t fuzz/seeds/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -max_len=65536 || exit 1; \
+	done
 
 bench: build
 	./scripts/ensure-services.sh

@@ -56,6 +56,19 @@ def main() -> None:
     seen["repeat_prompt_tokens"] = repeat.usage.prompt_tokens
     seen["repeat_cached_tokens"] = repeat.usage.prompt_tokens_details.cached_tokens
 
+    scored = chat(client, model, question, max_tokens=12, temperature=0, logprobs=True, top_logprobs=2)
+    content = scored.choices[0].logprobs.content
+    seen["logprob_text"] = scored.choices[0].message.content
+    seen["logprob_tokens"] = [t.token for t in content]
+    seen["logprob_values"] = [t.logprob for t in content]
+    seen["logprob_top"] = [[a.logprob for a in t.top_logprobs] for t in content]
+    streamed_tokens = []
+    for chunk in chat(client, model, question, max_tokens=12, temperature=0, stream=True,
+                      logprobs=True, top_logprobs=2):
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed_tokens += [t.token for t in chunk.choices[0].logprobs.content]
+    seen["streamed_logprob_tokens"] = streamed_tokens
+
     try:
         chat(client, model, [{"role": "user", "content": "word " * 9000}], max_tokens=8)
         seen["too_long"] = "accepted"

@@ -130,6 +130,11 @@ pub struct FaultReport {
     pub lost: usize,
     /// Attempts the clients made again on the other gateway after a broken connection.
     pub client_retries: usize,
+    /// Requests the gateways queued again after losing their worker or stream (the live
+    /// gateways' `preble:requests_resubmitted_total`).
+    pub resubmitted: u64,
+    /// Of those, streams that had shown output and resumed (`preble:streams_resumed_total`).
+    pub resumed: u64,
     /// The longest a client waited for its answer to start (status and first event).
     pub slowest_answer: Duration,
     /// The slowest refusal.
@@ -156,6 +161,8 @@ impl FaultReport {
             "failed": self.failed,
             "lost": self.lost,
             "client_retries": self.client_retries,
+            "resubmitted": self.resubmitted,
+            "resumed": self.resumed,
             "slowest_answer_s": self.slowest_answer.as_secs_f64(),
             "slowest_refusal_s": self.slowest_refusal.as_secs_f64(),
             "p99_latency_s": self.p99_latency.as_secs_f64(),
@@ -169,15 +176,15 @@ impl FaultReport {
 /// The suite's results as a Markdown table.
 pub fn table(reports: &[FaultReport]) -> String {
     let mut out = String::from(
-        "| fault | sent | completed | refused | failed | lost | client retries | slowest answer (s) | slowest refusal (s) | p99 latency (s) | first token after the fault (s) | gateway RSS (MiB) |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| fault | sent | completed | refused | failed | lost | client retries | resubmitted (resumed) | slowest answer (s) | slowest refusal (s) | p99 latency (s) | first token after the fault (s) | gateway RSS (MiB) |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in reports {
         let recovery = r
             .recovery
             .map_or_else(|| "-".to_string(), |d| format!("{:.2}", d.as_secs_f64()));
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {} | {:.0} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} ({}) | {:.2} | {:.2} | {:.2} | {} | {:.0} |\n",
             r.fault.name(),
             r.sent,
             r.completed,
@@ -185,6 +192,8 @@ pub fn table(reports: &[FaultReport]) -> String {
             r.failed,
             r.lost,
             r.client_retries,
+            r.resubmitted,
+            r.resumed,
             r.slowest_answer.as_secs_f64(),
             r.slowest_refusal.as_secs_f64(),
             r.p99_latency.as_secs_f64(),
@@ -318,7 +327,16 @@ pub async fn run_fault(
         seen.push(task.await.context("a client task")?);
     }
     let fault_moment = (!overload).then_some(fault_at);
-    Ok(summarise(fault, &seen, fault_moment, rss_mib))
+    let mut report = summarise(fault, &seen, fault_moment, rss_mib);
+    for gateway in gateways.iter() {
+        let metrics = format!("{gateway}/metrics");
+        // A killed gateway's counts are gone with it.
+        let resubmitted = crate::scrape(&metrics, "preble:requests_resubmitted_total").await;
+        let resumed = crate::scrape(&metrics, "preble:streams_resumed_total").await;
+        report.resubmitted += resubmitted.unwrap_or(0.0) as u64;
+        report.resumed += resumed.unwrap_or(0.0) as u64;
+    }
+    Ok(report)
 }
 
 /// Strikes.
@@ -529,6 +547,8 @@ fn summarise(
         failed: count(|e| matches!(e, End::Failed(_))),
         lost: count(|e| matches!(e, End::Lost(_))),
         client_retries: seen.iter().map(|s| s.retries).sum(),
+        resubmitted: 0,
+        resumed: 0,
         slowest_answer: seen
             .iter()
             .filter_map(|s| s.answered_after)

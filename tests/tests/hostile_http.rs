@@ -36,7 +36,7 @@ async fn every_parameter_is_honoured_or_refused_by_name() {
         ),
         ("functions", json!([{"name": "f"}])),
         ("response_format", json!({"type": "json_object"})),
-        ("logprobs", json!(true)),
+        ("logprobs", json!(21)),
         ("top_logprobs", json!(3)),
         ("frequency_penalty", json!(0.5)),
         ("max_token", json!(5)),
@@ -54,7 +54,7 @@ async fn every_parameter_is_honoured_or_refused_by_name() {
         ("best_of", json!(3)),
         ("echo", json!(true)),
         ("suffix", json!("tail")),
-        ("logprobs", json!(2)),
+        ("logprobs", json!(-1)),
     ] {
         let (status, body) = post(
             &c.gateway,

@@ -12,9 +12,12 @@
 //! test-torch` makes all three.
 #![cfg(feature = "torch")]
 
+mod common;
+
 use std::io::Write;
 use std::process::{Command, Stdio};
 
+use common::post;
 use preble_gateway::models::ServedModel;
 use preble_gateway::text::Detokenizer;
 use preble_protocol::ChatMessage;
@@ -54,31 +57,38 @@ fn conversations() -> Vec<Vec<ChatMessage>> {
     ]
 }
 
-/// What transformers makes of `conversations` and `decode` (`scripts/chat_reference.py`).
-fn transformers_reference(conversations: &[Vec<ChatMessage>], decode: &[Vec<u32>]) -> Value {
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/chat_reference.py");
+/// What a reference script of `scripts/` (run by the torch venv's python) answers to
+/// `request`, given as JSON on its stdin.
+fn reference(script: &str, request: &Value) -> Value {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../scripts")
+        .join(script);
     let mut child = Command::new(torch_venv().join("bin/python"))
-        .arg(script)
+        .arg(path)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("the torch venv's python runs (make torch-env)");
-    let request = json!({
-        "model_dir": real_model_dir(),
-        "conversations": conversations.iter().map(|c| c.iter().map(|m| json!({"role": m.role, "content": m.content})).collect::<Vec<_>>()).collect::<Vec<_>>(),
-        "decode": decode,
-    });
     child
         .stdin
         .take()
         .expect("stdin")
         .write_all(request.to_string().as_bytes())
         .expect("writing the reference request");
-    let out = child.wait_with_output().expect("chat_reference.py ends");
-    assert!(out.status.success(), "chat_reference.py failed");
-    serde_json::from_slice(&out.stdout).expect("chat_reference.py prints JSON")
+    let out = child.wait_with_output().expect("the reference script ends");
+    assert!(out.status.success(), "{script} failed");
+    serde_json::from_slice(&out.stdout).expect("the reference script prints JSON")
+}
+
+/// What transformers makes of `conversations` and `decode` (`scripts/chat_reference.py`).
+fn transformers_reference(conversations: &[Vec<ChatMessage>], decode: &[Vec<u32>]) -> Value {
+    let request = json!({
+        "model_dir": real_model_dir(),
+        "conversations": conversations.iter().map(|c| c.iter().map(|m| json!({"role": m.role, "content": m.content})).collect::<Vec<_>>()).collect::<Vec<_>>(),
+        "decode": decode,
+    });
+    reference("chat_reference.py", &request)
 }
 
 #[test]
@@ -158,4 +168,70 @@ async fn the_official_openai_client_chats_with_smollm2_on_two_torch_workers() {
     );
     // Past the model's 8,192-token context.
     assert_eq!(seen["too_long"], "context_length_exceeded", "{seen}");
+    // Log-probabilities: the tokens spell the answer; greedy picks the most likely, whose
+    // log-probability is the first alternative's; streamed, the same tokens.
+    let tokens: Vec<&str> = seen["logprob_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(tokens.concat(), text("logprob_text"), "{seen}");
+    for (value, top) in seen["logprob_values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(seen["logprob_top"].as_array().unwrap())
+    {
+        let (value, top) = (value.as_f64().unwrap(), top.as_array().unwrap());
+        assert_eq!(top.len(), 2, "{seen}");
+        assert!(value <= 0.0, "{seen}");
+        assert!((value - top[0].as_f64().unwrap()).abs() < 1e-6, "{seen}");
+        assert!(top[0].as_f64() >= top[1].as_f64(), "{seen}");
+    }
+    assert_eq!(seen["streamed_logprob_tokens"], seen["logprob_tokens"]);
+}
+
+#[tokio::test]
+async fn logprobs_are_those_transformers_computes() {
+    let steps = 8;
+    let expected = reference(
+        "logprobs_reference.py",
+        &json!({"model_dir": real_model_dir(), "text": "The capital of France is",
+                "new_tokens": steps, "top": 3}),
+    );
+    let c = TestCluster::start(torch_options(1, real_model_dir()))
+        .await
+        .unwrap();
+    let (status, body) = post(
+        &c.gateway,
+        "/v1/completions",
+        &json!({"model": c.model, "prompt": expected["prompt_ids"], "max_tokens": steps,
+                "temperature": 0, "logprobs": 3, "ignore_eos": true}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}\n{}", c.logs());
+    let ours = &body["choices"][0]["logprobs"];
+    let close = |a: &Value, b: &Value, what: &str| {
+        let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
+        assert!(
+            (a - b).abs() < 1e-3,
+            "{what}: {a} vs transformers' {b}\n{body}"
+        );
+    };
+    for (i, step) in expected["steps"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(ours["tokens"][i], step["token"], "token {i}\n{body}");
+        close(&ours["token_logprobs"][i], &step["logprob"], "logprob");
+        for alternative in step["top"].as_array().unwrap() {
+            let text = alternative[0].as_str().unwrap();
+            close(&ours["top_logprobs"][i][text], &alternative[1], text);
+        }
+    }
+    let joined: String = (0..steps)
+        .map(|i| ours["tokens"][i].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        joined, body["choices"][0]["text"],
+        "the tokens spell the text"
+    );
 }

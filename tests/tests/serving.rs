@@ -395,3 +395,71 @@ async fn a_dead_gateways_requests_are_stopped_on_their_workers() {
         client.abort();
     }
 }
+
+#[tokio::test]
+async fn logprobs_come_with_every_token_in_each_endpoints_format() {
+    let c = TestCluster::start(Options::default()).await.unwrap();
+    // Completions: tokens, their log-probabilities, the top 3 at each place, text offsets.
+    let body = json!({"model": c.model, "prompt": "Scores, please:", "max_tokens": 6,
+                      "seed": 3, "logprobs": 3});
+    let (status, full) = post(&c.gateway, "/v1/completions", &body).await;
+    assert_eq!(status, 200, "{full}");
+    let text = full["choices"][0]["text"].as_str().unwrap();
+    let lp = &full["choices"][0]["logprobs"];
+    let tokens: Vec<&str> = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(tokens.len(), 6, "{full}");
+    assert_eq!(tokens.concat(), text, "the tokens spell the text");
+    // The sim draws uniformly from its vocabulary: every token is as likely as any other.
+    let first = lp["token_logprobs"][0].as_f64().unwrap();
+    assert!(first < -1.0, "{full}");
+    let mut offset = 0;
+    for i in 0..6 {
+        assert_eq!(lp["token_logprobs"][i].as_f64(), Some(first), "{full}");
+        let top = lp["top_logprobs"][i].as_object().unwrap();
+        assert_eq!(top.len(), 3, "{full}");
+        assert_eq!(
+            top[tokens[i]].as_f64(),
+            Some(first),
+            "the drawn token is among the top"
+        );
+        assert_eq!(lp["text_offset"][i], offset, "{full}");
+        offset += tokens[i].chars().count();
+    }
+    // Without logprobs: null, as before.
+    let mut plain = body.clone();
+    plain["logprobs"] = Value::Null;
+    let (_, plain) = post(&c.gateway, "/v1/completions", &plain).await;
+    assert_eq!(plain["choices"][0]["logprobs"], Value::Null);
+    assert_eq!(plain["choices"][0]["text"], text);
+
+    // Chat, streamed: each chunk's tokens with their top 2; the same draws as unstreamed.
+    let chat = json!({"model": c.model, "messages": [{"role": "user", "content": "Score me."}],
+                      "max_tokens": 5, "seed": 3, "logprobs": true, "top_logprobs": 2,
+                      "stream": true});
+    let (status, events) = stream(&c.gateway, "/v1/chat/completions", &chat).await;
+    assert_eq!(status, 200);
+    let mut streamed_tokens = String::new();
+    let mut entries = 0;
+    for event in events.iter().filter(|e| e.as_str() != "[DONE]") {
+        let chunk: Value = serde_json::from_str(event).unwrap();
+        let Some(content) = chunk["choices"][0]["logprobs"]["content"].as_array() else {
+            continue;
+        };
+        for entry in content {
+            entries += 1;
+            let token = entry["token"].as_str().unwrap();
+            streamed_tokens.push_str(token);
+            assert_eq!(entry["bytes"], json!(token.as_bytes()));
+            assert_eq!(entry["top_logprobs"].as_array().unwrap().len(), 2);
+            assert_eq!(entry["top_logprobs"][0]["token"], token);
+            assert_eq!(entry["logprob"].as_f64(), Some(first));
+        }
+    }
+    assert_eq!(entries, 5, "{events:?}");
+    assert_eq!(streamed_tokens, streamed_text(&events));
+}

@@ -76,7 +76,9 @@ pub struct Request {
 impl Request {
     /// Prompt length in tokens.
     pub fn prompt_len(&self) -> u32 {
-        self.segments.iter().map(|s| s.len).sum()
+        self.segments
+            .iter()
+            .fold(0u32, |total, s| total.saturating_add(s.len))
     }
 
     /// The prompt's token ids.

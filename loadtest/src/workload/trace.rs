@@ -24,24 +24,27 @@ fn read(path: &Path) -> Result<String, WorkloadError> {
     })
 }
 
-fn parse_error(path: &Path, line: usize, message: impl Into<String>) -> WorkloadError {
+fn parse_error(source: &str, line: usize, message: impl Into<String>) -> WorkloadError {
     WorkloadError::Parse {
-        path: path.display().to_string(),
+        path: source.to_string(),
         line,
         message: message.into(),
     }
 }
 
 /// Milliseconds of a timestamp `YYYY-MM-DD HH:MM:SS[.fraction]` since 1970, or of plain
-/// seconds.
+/// seconds; `None` for anything else, a date out of range or a time that is not finite.
 fn timestamp_ms(text: &str) -> Option<f64> {
     let text = text.trim();
     if let Ok(seconds) = text.parse::<f64>() {
-        return Some(seconds * 1e3);
+        return Some(seconds * 1e3).filter(|ms| ms.is_finite());
     }
     let (date, time) = text.split_once([' ', 'T'])?;
     let mut d = date.split('-').map(|p| p.parse::<i64>());
     let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    if !(0..=9999).contains(&y) || !(1..=12).contains(&m) || !(1..=31).contains(&day) {
+        return None;
+    }
     let mut t = time.trim_end_matches('Z').split(':');
     let (h, min) = (
         t.next()?.parse::<f64>().ok()?,
@@ -55,12 +58,17 @@ fn timestamp_ms(text: &str) -> Option<f64> {
     let doy = (153 * m + 2) / 5 + day - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
-    Some(((days as f64 * 24.0 + h) * 60.0 + min) * 60e3 + s * 1e3)
+    Some(((days as f64 * 24.0 + h) * 60.0 + min) * 60e3 + s * 1e3).filter(|ms| ms.is_finite())
 }
 
 /// Reads an Azure LLM inference trace.
 pub fn load_azure(path: &Path) -> Result<Vec<Request>, WorkloadError> {
-    let text = read(path)?;
+    parse_azure(&read(path)?, &path.display().to_string())
+}
+
+/// Parses an Azure LLM inference trace's text; errors name `source` and the line.
+pub fn parse_azure(text: &str, source: &str) -> Result<Vec<Request>, WorkloadError> {
+    let path = source;
     let mut reader = csv::ReaderBuilder::new()
         .trim(csv::Trim::All)
         .from_reader(text.as_bytes());
@@ -123,7 +131,12 @@ struct MooncakeLine {
 
 /// Reads a Mooncake trace.
 pub fn load_mooncake(path: &Path) -> Result<Vec<Request>, WorkloadError> {
-    let text = read(path)?;
+    parse_mooncake(&read(path)?, &path.display().to_string())
+}
+
+/// Parses a Mooncake trace's text; errors name `source` and the line.
+pub fn parse_mooncake(text: &str, source: &str) -> Result<Vec<Request>, WorkloadError> {
+    let path = source;
     let mut requests = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -131,10 +144,22 @@ pub fn load_mooncake(path: &Path) -> Result<Vec<Request>, WorkloadError> {
         }
         let m: MooncakeLine =
             serde_json::from_str(line).map_err(|e| parse_error(path, i + 1, e.to_string()))?;
+        if !m.timestamp.is_finite() {
+            return Err(parse_error(path, i + 1, "timestamp is not a finite number"));
+        }
         if m.hash_ids.is_empty() || m.input_length == 0 {
             return Err(parse_error(path, i + 1, "no prompt blocks"));
         }
-        let blocks = m.hash_ids.len() as u32;
+        let Some(blocks) = u32::try_from(m.hash_ids.len())
+            .ok()
+            .filter(|&b| b <= u32::MAX / MOONCAKE_BLOCK_TOKENS)
+        else {
+            return Err(parse_error(
+                path,
+                i + 1,
+                "more prompt blocks than tokens fit",
+            ));
+        };
         let last = m
             .input_length
             .saturating_sub(MOONCAKE_BLOCK_TOKENS * (blocks - 1))
@@ -190,6 +215,19 @@ mod tests {
         std::fs::write(&path, "TIMESTAMP,ContextTokens,GeneratedTokens\nnoon,1,1\n").unwrap();
         let err = load_azure(&path).unwrap_err().to_string();
         assert!(err.contains(":2:") && err.contains("timestamp"), "{err}");
+        for bad in [
+            "inf",
+            "2023-9223372036854775807-01 00:00:00",
+            "-9223372036854775808-01-01 00:00:00",
+            "2023-11-16 1e308:00:00",
+        ] {
+            let text = format!("TIMESTAMP,ContextTokens,GeneratedTokens\n{bad},1,1\n");
+            let err = parse_azure(&text, "t.csv").unwrap_err().to_string();
+            assert!(
+                err.contains("t.csv:2:") && err.contains("timestamp"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

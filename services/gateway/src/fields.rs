@@ -21,6 +21,8 @@ pub const COMMON: &[&str] = &[
     "user",
     "stop_token_ids",
     "ignore_eos",
+    "logprobs",
+    "top_logprobs",
 ];
 
 /// Fields only chat requests have.
@@ -107,16 +109,6 @@ const UNSUPPORTED: &[Unsupported] = &[
         name: "response_format",
         accepts: is_text_format,
         why: "structured output is not supported; only {\"type\": \"text\"}",
-    },
-    Unsupported {
-        name: "logprobs",
-        accepts: is_false,
-        why: "log-probabilities are not supported yet",
-    },
-    Unsupported {
-        name: "top_logprobs",
-        accepts: is_zero,
-        why: "log-probabilities are not supported yet",
     },
     Unsupported {
         name: "best_of",
@@ -241,8 +233,6 @@ mod tests {
             "tools",
             "functions",
             "response_format",
-            "logprobs",
-            "top_logprobs",
             "best_of",
             "echo",
             "suffix",
@@ -252,8 +242,7 @@ mod tests {
             let asks = match field {
                 "tools" | "functions" => json!([{"type": "function"}]),
                 "response_format" => json!({"type": "json_object"}),
-                "logprobs" | "echo" => json!(true),
-                "top_logprobs" => json!(5),
+                "echo" => json!(true),
                 "best_of" => json!(3),
                 "suffix" => json!("tail"),
                 "logit_bias" => json!({"50256": -100}),

@@ -26,11 +26,11 @@ use crate::admission::{Admission, Admitted};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::models::Models;
+use crate::models::{Models, ServedModel};
 use crate::openai::{self, ChatRequest, CompletionRequest, Endpoint, ResponseMeta};
 use crate::prepare::{ClientRequest, Prepared, Preparer};
 use crate::relay::Relay;
-use crate::text::{TextEvent, TextGeneration};
+use crate::text::{TextEvent, TextGeneration, token_choices};
 
 /// Shared state of the gateway.
 pub struct AppState {
@@ -326,6 +326,11 @@ async fn serve(
         created: preble_telemetry::unix_ms() / 1000,
         endpoint,
     };
+    let logprobs = generation
+        .sampling
+        .logprobs
+        .is_some()
+        .then(|| model.clone());
     let mut text = TextGeneration::new(submitted, model, generation.stop.clone(), prompt_len);
     // Wait for the first event before answering, so that errors before any token (no worker,
     // rejected request) get their proper HTTP status even when streaming.
@@ -344,20 +349,38 @@ async fn serve(
         _admitted: admitted,
     };
     if generation.stream {
-        let events = sse_events(text, first, meta, generation.include_usage, observer);
+        let events = sse_events(
+            text,
+            first,
+            meta,
+            generation.include_usage,
+            logprobs,
+            observer,
+        );
         return Ok(Sse::new(events).into_response());
     }
     let mut output = String::new();
+    let mut choices = Vec::new();
     let mut event = first;
     loop {
         match event {
-            TextEvent::Delta { text: t, .. } => output.push_str(&t),
+            TextEvent::Delta {
+                text: t,
+                token_ids,
+                logprobs: lp,
+            } => {
+                output.push_str(&t);
+                if let Some(model) = &logprobs {
+                    choices.extend(token_choices(model, &token_ids, &lp)?);
+                }
+            }
             TextEvent::Done {
                 finish_reason,
                 usage,
             } => {
                 observer.done(&usage);
-                return Ok(Json(meta.full(&output, finish_reason, &usage)).into_response());
+                let lp = logprobs.as_ref().map(|_| meta.logprobs(&choices, 0));
+                return Ok(Json(meta.full(&output, finish_reason, &usage, lp)).into_response());
             }
         }
         event = match text.next().await {
@@ -398,12 +421,14 @@ impl Observer {
     }
 }
 
-/// The SSE events of a streaming response, ending with `data: [DONE]`.
+/// The SSE events of a streaming response, ending with `data: [DONE]`; with `logprobs`
+/// (the model, to decode tokens), each chunk carries its tokens' log-probabilities.
 fn sse_events(
     text: TextGeneration,
     first: TextEvent,
     meta: ResponseMeta,
     include_usage: bool,
+    logprobs: Option<Arc<ServedModel>>,
     observer: Observer,
 ) -> impl Stream<Item = Result<Event, Infallible>> + Send {
     struct S {
@@ -411,6 +436,8 @@ fn sse_events(
         pending: Option<TextEvent>,
         meta: ResponseMeta,
         include_usage: bool,
+        logprobs: Option<Arc<ServedModel>>,
+        text_offset: usize,
         observer: Observer,
         first_chunk: bool,
         ended: bool,
@@ -420,6 +447,8 @@ fn sse_events(
         pending: Some(first),
         meta,
         include_usage,
+        logprobs,
+        text_offset: 0,
         observer,
         first_chunk: true,
         ended: false,
@@ -434,10 +463,29 @@ fn sse_events(
         };
         let data = |v: serde_json::Value| Event::default().data(v.to_string());
         let events = match next {
-            Some(Ok(TextEvent::Delta { text, .. })) => {
-                let chunk = s.meta.chunk(Some(&text), s.first_chunk, None);
-                s.first_chunk = false;
-                vec![data(chunk)]
+            Some(Ok(TextEvent::Delta {
+                text,
+                token_ids,
+                logprobs,
+            })) => {
+                let choices = s
+                    .logprobs
+                    .as_ref()
+                    .map(|model| token_choices(model, &token_ids, &logprobs))
+                    .transpose();
+                match choices {
+                    Ok(choices) => {
+                        let lp = choices.map(|c| s.meta.logprobs(&c, s.text_offset));
+                        s.text_offset += text.chars().count();
+                        let chunk = s.meta.chunk(Some(&text), s.first_chunk, None, lp);
+                        s.first_chunk = false;
+                        vec![data(chunk)]
+                    }
+                    Err(e) => {
+                        s.ended = true;
+                        vec![data(e.body()), Event::default().data("[DONE]")]
+                    }
+                }
             }
             Some(Ok(TextEvent::Done {
                 finish_reason,
@@ -445,7 +493,12 @@ fn sse_events(
             })) => {
                 s.observer.done(&usage);
                 s.ended = true;
-                let mut events = vec![data(s.meta.chunk(None, s.first_chunk, Some(finish_reason)))];
+                let mut events = vec![data(s.meta.chunk(
+                    None,
+                    s.first_chunk,
+                    Some(finish_reason),
+                    None,
+                ))];
                 if s.include_usage {
                     events.push(data(s.meta.usage_chunk(&usage)));
                 }

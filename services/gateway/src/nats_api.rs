@@ -159,7 +159,9 @@ async fn generate(
     let mut text = TextGeneration::new(submitted, model, generation.stop, prompt_len);
     while let Some(event) = text.next().await {
         match event? {
-            TextEvent::Delta { text, token_ids } => {
+            TextEvent::Delta {
+                text, token_ids, ..
+            } => {
                 out.send(ApiEventBody::Delta { text, token_ids }).await;
             }
             TextEvent::Done {

@@ -1,6 +1,6 @@
 //! The OpenAI request types the gateway accepts, their validation, and response bodies.
 
-use preble_protocol::{ChatMessage, FinishReason, SamplingParams, Usage};
+use preble_protocol::{ChatMessage, FinishReason, MAX_TOP_LOGPROBS, SamplingParams, Usage};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -127,6 +127,21 @@ pub struct CommonParams {
     /// Generate past end-of-sequence (vLLM extension).
     #[serde(default)]
     pub ignore_eos: bool,
+    /// Log-probabilities: how many alternatives (completions), or whether (chat).
+    pub logprobs: Option<LogprobsParam>,
+    /// With `logprobs: true` (chat): how many alternatives per token.
+    pub top_logprobs: Option<u32>,
+}
+
+/// `logprobs` as either endpoint writes it: the number of alternatives per token (completions),
+/// or a switch with the number in `top_logprobs` (chat). Each endpoint takes both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum LogprobsParam {
+    /// `true` or `false`.
+    Switch(bool),
+    /// A number of alternatives.
+    Top(u32),
 }
 
 /// `POST /v1/completions`.
@@ -355,6 +370,7 @@ impl CommonParams {
                 "stop sequences must not be empty",
             ));
         }
+        let logprobs = self.logprobs_wanted()?;
         if !self.stream && self.stream_options.is_some() {
             return Err(ApiError::invalid(
                 "stream_options",
@@ -370,6 +386,7 @@ impl CommonParams {
                 seed: self.seed,
                 stop_token_ids: self.stop_token_ids.clone().unwrap_or_default(),
                 ignore_eos: self.ignore_eos,
+                logprobs,
             },
             stop,
             stream: self.stream,
@@ -379,6 +396,36 @@ impl CommonParams {
                 .is_some_and(|o| o.include_usage),
             user: self.user.clone(),
         })
+    }
+}
+
+impl CommonParams {
+    /// How many alternatives per token the request wants log-probabilities of, if any.
+    fn logprobs_wanted(&self) -> Result<Option<u32>, ApiError> {
+        let (wanted, param) = match (self.logprobs, self.top_logprobs) {
+            (Some(LogprobsParam::Top(_)), Some(_)) => {
+                return Err(ApiError::invalid(
+                    "top_logprobs",
+                    "top_logprobs goes with logprobs=true; or give the number as logprobs",
+                ));
+            }
+            (Some(LogprobsParam::Top(n)), None) => (Some(n), "logprobs"),
+            (Some(LogprobsParam::Switch(true)), top) => (Some(top.unwrap_or(0)), "top_logprobs"),
+            (_, Some(n)) if n > 0 => {
+                return Err(ApiError::invalid(
+                    "top_logprobs",
+                    "top_logprobs requires logprobs=true",
+                ));
+            }
+            _ => (None, "logprobs"),
+        };
+        match wanted {
+            Some(n) if n > MAX_TOP_LOGPROBS => Err(ApiError::invalid(
+                param,
+                format!("at most {MAX_TOP_LOGPROBS} alternatives per token (asked for {n})"),
+            )),
+            wanted => Ok(wanted),
+        }
     }
 }
 
@@ -445,6 +492,22 @@ pub enum Endpoint {
     Chat,
 }
 
+/// A generated token's log-probabilities with the token and its alternatives as text (a
+/// token alone may decode to part of a character: U+FFFD then).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenChoice {
+    /// The token's text.
+    pub text: String,
+    /// Its log-probability, at least [`LOGPROB_FLOOR`].
+    pub logprob: f32,
+    /// The most likely tokens at its position and their log-probabilities.
+    pub top: Vec<(String, f32)>,
+}
+
+/// The least log-probability reported: impossible tokens get this instead of negative
+/// infinity, which JSON cannot carry (vLLM's choice too).
+pub const LOGPROB_FLOOR: f32 = -9999.0;
+
 /// Identity of one response: id, model, creation time.
 #[derive(Clone, Debug)]
 pub struct ResponseMeta {
@@ -459,16 +522,23 @@ pub struct ResponseMeta {
 }
 
 impl ResponseMeta {
-    /// The whole (non-streaming) response.
-    pub fn full(&self, text: &str, finish: FinishReason, usage: &Usage) -> Value {
+    /// The whole (non-streaming) response; `logprobs` as [`Self::logprobs`] made it.
+    pub fn full(
+        &self,
+        text: &str,
+        finish: FinishReason,
+        usage: &Usage,
+        logprobs: Option<Value>,
+    ) -> Value {
+        let logprobs = logprobs.unwrap_or(Value::Null);
         let choice = match self.endpoint {
             Endpoint::Completions => json!({
-                "index": 0, "text": text, "logprobs": null, "finish_reason": finish.as_str(),
+                "index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish.as_str(),
             }),
             Endpoint::Chat => json!({
                 "index": 0,
                 "message": { "role": "assistant", "content": text },
-                "logprobs": null,
+                "logprobs": logprobs,
                 "finish_reason": finish.as_str(),
             }),
         };
@@ -482,12 +552,20 @@ impl ResponseMeta {
         })
     }
 
-    /// A streaming chunk with new text (and, on the last one, the finish reason).
-    pub fn chunk(&self, text: Option<&str>, first: bool, finish: Option<FinishReason>) -> Value {
+    /// A streaming chunk with new text (and, on the last one, the finish reason), with the
+    /// log-probabilities of its tokens when asked for.
+    pub fn chunk(
+        &self,
+        text: Option<&str>,
+        first: bool,
+        finish: Option<FinishReason>,
+        logprobs: Option<Value>,
+    ) -> Value {
         let finish = finish.map(FinishReason::as_str);
+        let logprobs = logprobs.unwrap_or(Value::Null);
         let choice = match self.endpoint {
             Endpoint::Completions => json!({
-                "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish,
+                "index": 0, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish,
             }),
             Endpoint::Chat => {
                 let mut delta = serde_json::Map::new();
@@ -497,7 +575,7 @@ impl ResponseMeta {
                 if let Some(t) = text {
                     delta.insert("content".into(), json!(t));
                 }
-                json!({ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish })
+                json!({ "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish })
             }
         };
         json!({
@@ -507,6 +585,49 @@ impl ResponseMeta {
             "model": self.model,
             "choices": [choice],
         })
+    }
+
+    /// The `logprobs` object of a choice, for these tokens, in the endpoint's format:
+    /// completions' `tokens`, `token_logprobs`, `top_logprobs` and `text_offset` (each token's
+    /// place in the text, counting from `text_offset` characters), or chat's `content` list.
+    pub fn logprobs(&self, tokens: &[TokenChoice], text_offset: usize) -> Value {
+        match self.endpoint {
+            Endpoint::Completions => {
+                let mut offsets = Vec::with_capacity(tokens.len());
+                let mut at = text_offset;
+                for t in tokens {
+                    offsets.push(at);
+                    at += t.text.chars().count();
+                }
+                json!({
+                    "tokens": tokens.iter().map(|t| t.text.as_str()).collect::<Vec<_>>(),
+                    "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+                    "top_logprobs": tokens
+                        .iter()
+                        .map(|t| {
+                            t.top
+                                .iter()
+                                .map(|(text, lp)| (text.clone(), json!(lp)))
+                                .collect::<serde_json::Map<_, _>>()
+                        })
+                        .collect::<Vec<_>>(),
+                    "text_offset": offsets,
+                })
+            }
+            Endpoint::Chat => {
+                let entry = |text: &str, logprob: f32| json!({"token": text, "logprob": logprob, "bytes": text.as_bytes()});
+                let content: Vec<Value> = tokens
+                    .iter()
+                    .map(|t| {
+                        let mut e = entry(&t.text, t.logprob);
+                        e["top_logprobs"] =
+                            t.top.iter().map(|(text, lp)| entry(text, *lp)).collect();
+                        e
+                    })
+                    .collect();
+                json!({ "content": content })
+            }
+        }
     }
 
     /// The usage chunk that ends a stream when `include_usage` was asked for.
@@ -583,6 +704,29 @@ mod tests {
             p(r#"{"max_tokens":0}"#).unwrap_err().param.as_deref(),
             Some("max_tokens")
         );
+        let logprobs = |json: &str| p(json).map(|g| g.sampling.logprobs);
+        assert_eq!(logprobs(r#"{}"#).unwrap(), None);
+        assert_eq!(logprobs(r#"{"logprobs":3}"#).unwrap(), Some(3));
+        assert_eq!(logprobs(r#"{"logprobs":0}"#).unwrap(), Some(0));
+        assert_eq!(logprobs(r#"{"logprobs":true}"#).unwrap(), Some(0));
+        assert_eq!(
+            logprobs(r#"{"logprobs":true,"top_logprobs":5}"#).unwrap(),
+            Some(5)
+        );
+        assert_eq!(
+            logprobs(r#"{"logprobs":false,"top_logprobs":0}"#).unwrap(),
+            None
+        );
+        for (json, param) in [
+            (r#"{"top_logprobs":2}"#, "top_logprobs"),
+            (r#"{"logprobs":false,"top_logprobs":2}"#, "top_logprobs"),
+            (r#"{"logprobs":2,"top_logprobs":2}"#, "top_logprobs"),
+            (r#"{"logprobs":21}"#, "logprobs"),
+            (r#"{"logprobs":true,"top_logprobs":21}"#, "top_logprobs"),
+        ] {
+            assert_eq!(p(json).unwrap_err().param.as_deref(), Some(param), "{json}");
+        }
+        assert!(parse::<CommonParams>(br#"{"logprobs":-1}"#).is_err());
         let g =
             p(r#"{"stop":"\n","seed":3,"stream":true,"stream_options":{"include_usage":true}}"#)
                 .unwrap();

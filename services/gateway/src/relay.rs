@@ -25,7 +25,7 @@ use async_nats::{Client, HeaderMap, Subscriber, jetstream};
 use futures::StreamExt;
 use preble_protocol::{
     Cancel, ErrorCode, FinishReason, GenerateRequest, SamplingParams, StreamBody, StreamMessage,
-    Subjects, Usage, decode, encode,
+    Subjects, TokenLogprob, Usage, decode, encode,
 };
 use tracing::{Span, debug, field::Empty, warn};
 
@@ -45,8 +45,8 @@ const MAX_RESUMED_TOKENS: usize = 16_384;
 /// What a generation yields.
 #[derive(Clone, Debug, PartialEq)]
 pub enum RelayEvent {
-    /// New tokens.
-    Tokens(Vec<u32>),
+    /// New tokens, with their log-probabilities when the request asked for them.
+    Tokens(Vec<u32>, Vec<TokenLogprob>),
     /// The end.
     Final {
         /// Why it stopped.
@@ -531,9 +531,12 @@ impl Generation {
 
     fn deliver(&mut self, body: StreamBody) -> Result<RelayEvent, ApiError> {
         match body {
-            StreamBody::Tokens { token_ids } => {
+            StreamBody::Tokens {
+                token_ids,
+                logprobs,
+            } => {
                 self.delivered.extend_from_slice(&token_ids);
-                Ok(RelayEvent::Tokens(token_ids))
+                Ok(RelayEvent::Tokens(token_ids, logprobs))
             }
             StreamBody::Final {
                 finish_reason,

@@ -3,10 +3,11 @@
 
 use std::sync::Arc;
 
-use preble_protocol::{ErrorCode, FinishReason, Usage};
+use preble_protocol::{ErrorCode, FinishReason, TokenLogprob, Usage};
 
 use crate::error::ApiError;
 use crate::models::ServedModel;
+use crate::openai::{LOGPROB_FLOOR, TokenChoice};
 use crate::relay::{Generation, RelayEvent};
 
 /// Turns token ids into text deltas as they arrive.
@@ -123,6 +124,8 @@ pub enum TextEvent {
         text: String,
         /// The tokens.
         token_ids: Vec<u32>,
+        /// Their log-probabilities, when the request asked for them.
+        logprobs: Vec<TokenLogprob>,
     },
     /// The end.
     Done {
@@ -144,6 +147,7 @@ pub struct TextGeneration {
     done: bool,
     pending_done: Option<(FinishReason, Usage)>,
     unsent_ids: Vec<u32>,
+    unsent_logprobs: Vec<TokenLogprob>,
 }
 
 impl TextGeneration {
@@ -164,6 +168,7 @@ impl TextGeneration {
             done: false,
             pending_done: None,
             unsent_ids: Vec::new(),
+            unsent_logprobs: Vec::new(),
         }
     }
 
@@ -188,10 +193,11 @@ impl TextGeneration {
                 }
             };
             match event {
-                RelayEvent::Tokens(ids) => {
+                RelayEvent::Tokens(ids, logprobs) => {
                     self.completion_tokens =
                         self.completion_tokens.saturating_add(ids.len() as u32);
                     self.unsent_ids.extend_from_slice(&ids);
+                    self.unsent_logprobs.extend(logprobs);
                     let text = match self.detokenizer.push(&self.model, &ids) {
                         Ok(t) => t,
                         Err(e) => return Some(Err(e)),
@@ -206,12 +212,14 @@ impl TextGeneration {
                             cached_tokens: 0,
                             completion_tokens: self.completion_tokens,
                         };
-                        let ids = std::mem::take(&mut self.unsent_ids);
-                        return Some(Ok(self.with_text(text, ids, FinishReason::Stop, usage)));
+                        return Some(Ok(self.with_text(text, FinishReason::Stop, usage)));
                     }
                     if !text.is_empty() {
-                        let token_ids = std::mem::take(&mut self.unsent_ids);
-                        return Some(Ok(TextEvent::Delta { text, token_ids }));
+                        return Some(Ok(TextEvent::Delta {
+                            text,
+                            token_ids: std::mem::take(&mut self.unsent_ids),
+                            logprobs: std::mem::take(&mut self.unsent_logprobs),
+                        }));
                     }
                 }
                 // `cancelled` is not an OpenAI finish reason: a request stopped before its end
@@ -236,21 +244,17 @@ impl TextGeneration {
                         Err(e) => return Some(Err(e)),
                     };
                     tail.push_str(&self.stop.finish());
-                    let ids = std::mem::take(&mut self.unsent_ids);
-                    return Some(Ok(self.with_text(tail, ids, finish_reason, usage)));
+                    return Some(Ok(self.with_text(tail, finish_reason, usage)));
                 }
             }
         }
     }
 
-    /// A final event, preceded by leftover text when there is some.
-    fn with_text(
-        &mut self,
-        text: String,
-        token_ids: Vec<u32>,
-        finish_reason: FinishReason,
-        usage: Usage,
-    ) -> TextEvent {
+    /// A final event, preceded by leftover text (and the tokens not yet sent) when there is
+    /// some.
+    fn with_text(&mut self, text: String, finish_reason: FinishReason, usage: Usage) -> TextEvent {
+        let token_ids = std::mem::take(&mut self.unsent_ids);
+        let logprobs = std::mem::take(&mut self.unsent_logprobs);
         if text.is_empty() && token_ids.is_empty() {
             TextEvent::Done {
                 finish_reason,
@@ -258,9 +262,49 @@ impl TextGeneration {
             }
         } else {
             self.pending_done = Some((finish_reason, usage));
-            TextEvent::Delta { text, token_ids }
+            TextEvent::Delta {
+                text,
+                token_ids,
+                logprobs,
+            }
         }
     }
+}
+
+/// The tokens of a delta with their log-probabilities, every id decoded to text.
+pub fn token_choices(
+    model: &ServedModel,
+    token_ids: &[u32],
+    logprobs: &[TokenLogprob],
+) -> Result<Vec<TokenChoice>, ApiError> {
+    let text_of = |id: u32| {
+        model
+            .tokenizer
+            .decode(&[id], false)
+            .map_err(|e| ApiError::new(ErrorCode::Internal, format!("detokenisation failed: {e}")))
+    };
+    let floor = |lp: f32| {
+        if lp.is_nan() {
+            LOGPROB_FLOOR
+        } else {
+            lp.max(LOGPROB_FLOOR)
+        }
+    };
+    token_ids
+        .iter()
+        .zip(logprobs)
+        .map(|(&id, lp)| {
+            Ok(TokenChoice {
+                text: text_of(id)?,
+                logprob: floor(lp.logprob),
+                top: lp
+                    .top
+                    .iter()
+                    .map(|&(alt, alt_lp)| Ok((text_of(alt)?, floor(alt_lp))))
+                    .collect::<Result<_, ApiError>>()?,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -11,7 +11,8 @@ use preble_costmodel::SeqWork;
 use preble_localsched::{CacheEvent, CacheSpan, LocalScheduler, SchedulerConfig, SeqId, Sequence};
 use preble_protocol::{
     ErrorCode, FinishReason, FinishedRequest, KvEvicted, KvInserted, LoadReport, PROTOCOL_VERSION,
-    SamplingParams, StreamBody, StreamMessage, Timings, Usage, WorkerEventBody, encode,
+    SamplingParams, StreamBody, StreamMessage, Timings, TokenLogprob, Usage, WorkerEventBody,
+    encode,
 };
 use preble_telemetry::propagation::child_span;
 use tokio::sync::{mpsc, watch};
@@ -303,6 +304,13 @@ impl EngineLoop {
             .iteration_seconds
             .observe(began.elapsed().as_secs_f64());
 
+        // Each sampled token's log-probabilities, by its sequence's index in the batch.
+        let mut logprobs: HashMap<usize, TokenLogprob> = plan
+            .items
+            .iter()
+            .zip(output.logprobs)
+            .filter_map(|(item, lp)| Some((item.index, lp?)))
+            .collect();
         let mut sampled = self.sched.commit(&plan, &output.tokens);
         let running = self.sched.running();
         let first_tokens = first_tokens_first(&mut sampled, |index| {
@@ -344,6 +352,7 @@ impl EngineLoop {
                 seq: active.next_stream_seq,
                 body: StreamBody::Tokens {
                     token_ids: vec![token],
+                    logprobs: logprobs.remove(&index).into_iter().collect(),
                 },
             };
             active.next_stream_seq += 1;

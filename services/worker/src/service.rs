@@ -15,7 +15,7 @@ use futures::StreamExt;
 use preble_localsched::SchedulerConfig;
 use preble_protocol::{
     Cancel, Digest, DigestRequest, Dispatch, DispatchOutcome, DispatchReply, ErrorCode, Heartbeat,
-    LoadReport, PROTOCOL_VERSION, WorkerEvent, WorkerEventBody, decode, encode,
+    LoadReport, MAX_TOP_LOGPROBS, PROTOCOL_VERSION, WorkerEvent, WorkerEventBody, decode, encode,
 };
 use preble_telemetry::propagation::{child_span, continue_trace};
 use tokio::sync::{mpsc, watch};
@@ -362,6 +362,13 @@ fn validate(config: &Config, dispatch: &Dispatch) -> Result<(), DispatchOutcome>
         return Err(reject(
             ErrorCode::InvalidRequest,
             "max_tokens must be at least 1".into(),
+            false,
+        ));
+    }
+    if let Some(n) = r.sampling.logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
+        return Err(reject(
+            ErrorCode::InvalidRequest,
+            format!("logprobs asks for the top {n} tokens; at most {MAX_TOP_LOGPROBS}"),
             false,
         ));
     }

@@ -63,6 +63,25 @@ pub struct SamplingParams {
     /// Keep generating past end-of-sequence tokens (benchmarks want exact output lengths).
     #[serde(default)]
     pub ignore_eos: bool,
+    /// Return each generated token's log-probability and those of the `n` most likely
+    /// tokens at its position (at most [`MAX_TOP_LOGPROBS`]); absent: none.
+    #[serde(default)]
+    pub logprobs: Option<u32>,
+}
+
+/// The most alternatives a request may ask log-probabilities of per token (as vLLM's default
+/// `max_logprobs`).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+
+/// One generated token's log-probability (natural log) under the model's distribution, and
+/// the most likely tokens at its position.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    /// The generated token's log-probability.
+    pub logprob: f32,
+    /// `(token id, log-probability)` of the most likely tokens, most likely first.
+    #[serde(default)]
+    pub top: Vec<(u32, f32)>,
 }
 
 fn one() -> f32 {
@@ -79,6 +98,7 @@ impl Default for SamplingParams {
             seed: None,
             stop_token_ids: Vec::new(),
             ignore_eos: false,
+            logprobs: None,
         }
     }
 }
@@ -231,6 +251,9 @@ pub enum StreamBody {
     Tokens {
         /// The token ids.
         token_ids: Vec<u32>,
+        /// Their log-probabilities, one per token, when the request asked for them.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        logprobs: Vec<TokenLogprob>,
     },
     /// The end of a successful stream.
     Final {

@@ -88,6 +88,9 @@ async fn main() -> Result<()> {
     println!("{}", faults::table(&reports));
     if let Some(path) = cli.json {
         let json: Vec<_> = reports.iter().map(|r| r.to_json()).collect();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
         std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
         eprintln!("wrote {}", path.display());
     }

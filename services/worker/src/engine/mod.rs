@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use preble_costmodel::SeqWork;
 use preble_localsched::{LocalScheduler, Plan};
-use preble_protocol::SamplingParams;
+use preble_protocol::{SamplingParams, TokenLogprob};
 
 pub use sim::SimEngine;
 
@@ -86,6 +86,9 @@ pub fn step_batch<'a, T>(
 pub struct StepOutput {
     /// For each sequence of the batch, in order: the sampled token, if it sampled.
     pub tokens: Vec<Option<u32>>,
+    /// For each sequence of the batch, in order: the sampled token's log-probabilities, if its
+    /// request asked for them (`SamplingParams::logprobs`); may be empty when none did.
+    pub logprobs: Vec<Option<TokenLogprob>>,
     /// Time the device is still busy with this step after `step` returned (the sim engine's
     /// modelled time; zero for engines that compute synchronously).
     pub busy_for: Duration,

@@ -5,6 +5,7 @@
 //! is serving, and a preempted request continues exactly as it would have.
 
 use preble_prefix::mix64;
+use preble_protocol::TokenLogprob;
 
 /// How to pick one token.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -107,6 +108,54 @@ pub fn sample(logits: &[f32], spec: &SamplingSpec) -> u32 {
     candidates.last().map_or(0, |c| c.0)
 }
 
+/// The log-probability of `token` and of the `top` most likely tokens (most likely first,
+/// lower id first among equals) under the model's own distribution: the softmax of the logits
+/// as they are, before temperature, top-k or top-p (what vLLM reports by default). Non-finite
+/// logits have no probability; a token outside the row gets negative infinity.
+pub fn logprobs(logits: &[f32], token: u32, top: u32) -> TokenLogprob {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|l| l.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
+    let total: f64 = logits
+        .iter()
+        .filter(|l| l.is_finite())
+        .map(|&l| f64::from(l - max).exp())
+        .sum();
+    let log_total = f64::from(max) + total.ln();
+    let logprob_of = |l: f32| {
+        if l.is_finite() {
+            (f64::from(l) - log_total) as f32
+        } else {
+            f32::NEG_INFINITY
+        }
+    };
+    let mut ranked: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.is_finite())
+        .map(|(id, &l)| (id as u32, l))
+        .collect();
+    let by_logit_descending =
+        |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let n = (top as usize).min(ranked.len());
+    if n > 0 && n < ranked.len() {
+        ranked.select_nth_unstable_by(n - 1, by_logit_descending);
+    }
+    ranked.truncate(n);
+    ranked.sort_unstable_by(by_logit_descending);
+    TokenLogprob {
+        logprob: logits
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |&l| logprob_of(l)),
+        top: ranked
+            .into_iter()
+            .map(|(id, l)| (id, logprob_of(l)))
+            .collect(),
+    }
+}
+
 /// The id of the largest finite logit (the lowest id among equals).
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best: Option<(usize, f32)> = None;
@@ -136,6 +185,34 @@ mod tests {
             seed,
             index,
         }
+    }
+
+    #[test]
+    fn logprobs_are_the_log_softmax_and_the_top_are_ranked() {
+        let logits = [1.0f32, 3.0, f32::NAN, 2.0, 3.0];
+        let lp = logprobs(&logits, 3, 3);
+        let total: f64 = [1.0f64, 3.0, 2.0, 3.0].iter().map(|l| l.exp()).sum();
+        let expect = |l: f64| (l - total.ln()) as f32;
+        assert!((lp.logprob - expect(2.0)).abs() < 1e-6, "{lp:?}");
+        let ids: Vec<u32> = lp.top.iter().map(|t| t.0).collect();
+        assert_eq!(
+            ids,
+            vec![1, 4, 3],
+            "most likely first, lower id among equals"
+        );
+        assert!((lp.top[0].1 - expect(3.0)).abs() < 1e-6);
+        let mass: f64 = (0..5)
+            .filter(|&i| i != 2)
+            .map(|i| f64::from(logprobs(&logits, i, 0).logprob).exp())
+            .sum();
+        assert!((mass - 1.0).abs() < 1e-6, "{mass}");
+        assert_eq!(logprobs(&logits, 2, 0).logprob, f32::NEG_INFINITY);
+        assert_eq!(
+            logprobs(&logits, 99, 9).top.len(),
+            4,
+            "only finite logits rank"
+        );
+        assert!(logprobs(&[], 0, 5).top.is_empty());
     }
 
     #[test]

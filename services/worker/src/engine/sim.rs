@@ -7,6 +7,8 @@ use std::time::Duration;
 use preble_costmodel::{Profile, SeqWork};
 use preble_prefix::mix64;
 
+use preble_protocol::TokenLogprob;
+
 use super::{Engine, EngineError, StepOutput, StepSeq};
 
 /// A simulated GPU.
@@ -36,6 +38,19 @@ impl SimEngine {
 }
 
 impl SimEngine {
+    /// The log-probabilities of the distribution the sim draws `token` from: a hash picks
+    /// uniformly among its vocabulary, so every token has probability 1 / vocabulary; the
+    /// `top` are `token` and the ones after it in the vocabulary (all equally likely).
+    pub fn logprobs(&self, token: u32, top: u32) -> TokenLogprob {
+        let logprob = -(self.vocab.len() as f32).ln();
+        let at = self.vocab.iter().position(|&t| t == token).unwrap_or(0);
+        let top = (0..(top as usize).min(self.vocab.len()))
+            .filter_map(|i| self.vocab.get((at + i) % self.vocab.len()))
+            .map(|&t| (t, logprob))
+            .collect();
+        TokenLogprob { logprob, top }
+    }
+
     /// The token the sim generates at `index` for a prompt hash and seed.
     pub fn token(&self, prompt_hash: u64, seed: u64, index: u32) -> u32 {
         let h = mix64(prompt_hash ^ mix64(seed) ^ mix64(u64::from(index) + 1));
@@ -51,7 +66,7 @@ impl Engine for SimEngine {
     fn step(&mut self, batch: &[StepSeq<'_>]) -> Result<StepOutput, EngineError> {
         let work: Vec<SeqWork> = batch.iter().map(|s| s.work).collect();
         let ms = self.profile.iteration_ms(&work) * self.time_scale;
-        let tokens = batch
+        let tokens: Vec<Option<u32>> = batch
             .iter()
             .map(|s| {
                 // Without a seed of its own a request's tokens depend on its prompt only, so
@@ -61,8 +76,14 @@ impl Engine for SimEngine {
                     .then(|| self.token(s.prompt_hash, seed, s.output_index))
             })
             .collect();
+        let logprobs = batch
+            .iter()
+            .zip(&tokens)
+            .map(|(s, token)| Some(self.logprobs((*token)?, s.sampling.logprobs?)))
+            .collect();
         Ok(StepOutput {
             tokens,
+            logprobs,
             busy_for: Duration::from_secs_f64(ms / 1e3),
         })
     }

@@ -12,7 +12,7 @@ use preble_costmodel::{Profile, SeqWork};
 use tch::{Device, Kind};
 
 use super::llama_config::{LlamaConfig, ModelError};
-use super::sampling::{SamplingSpec, sample};
+use super::sampling::{SamplingSpec, logprobs, sample};
 use super::{Engine, EngineError, StepOutput, StepSeq};
 use kv_pool::KvPool;
 use model::{Llama, LogitsOf, SeqInput};
@@ -134,13 +134,15 @@ impl Engine for TorchEngine {
             .logits(&seqs, &samples, LogitsOf::Last)
             .map_err(|e| EngineError(e.to_string()))?;
         let mut rows = rows.into_iter();
-        let tokens = batch
+        let (tokens, logprobs) = batch
             .iter()
             .map(|s| {
                 if !s.samples {
-                    return None;
+                    return (None, None);
                 }
-                let row = rows.next()?;
+                let Some(row) = rows.next() else {
+                    return (None, None);
+                };
                 let spec = SamplingSpec {
                     temperature: s.sampling.temperature,
                     top_p: s.sampling.top_p,
@@ -148,11 +150,14 @@ impl Engine for TorchEngine {
                     seed: s.seed,
                     index: s.output_index,
                 };
-                Some(sample(&row, &spec))
+                let token = sample(&row, &spec);
+                let logprobs = s.sampling.logprobs.map(|top| logprobs(&row, token, top));
+                (Some(token), logprobs)
             })
-            .collect();
+            .unzip();
         Ok(StepOutput {
             tokens,
+            logprobs,
             busy_for: std::time::Duration::ZERO,
         })
     }
