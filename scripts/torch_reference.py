@@ -2,9 +2,9 @@
 """Reference outputs of Hugging Face `transformers` for the torch engine's parity tests.
 
 Reads prompts (a JSON list of token-id lists), runs each alone through LlamaForCausalLM in
-f32, and writes a safetensors file with, for prompt i: `logits.i` (every position's logits,
+f32 (or `--dtype bf16`), and writes a safetensors file with, for prompt i: `logits.i` (every position's logits,
 [len, vocab]; with `--last-logits` only the last position's, [1, vocab]) and `greedy.i` (the
-next N tokens by plain argmax, no end-of-sequence handling).
+next N tokens by plain argmax, no end-of-sequence handling). Logits are written as f32.
 """
 import argparse
 import json
@@ -22,9 +22,11 @@ def main():
     parser.add_argument("out", type=pathlib.Path)
     parser.add_argument("--greedy-tokens", type=int, default=32)
     parser.add_argument("--last-logits", action="store_true")
+    parser.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
     args = parser.parse_args()
 
-    model = LlamaForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model = LlamaForCausalLM.from_pretrained(args.model_dir, dtype=dtype).eval()
     prompts = json.loads(args.prompts.read_text())
     out = {}
     with torch.no_grad():
@@ -32,7 +34,7 @@ def main():
             ids = torch.tensor([prompt], dtype=torch.long)
             result = model(ids, use_cache=True)
             logits = result.logits[0]
-            out[f"logits.{i}"] = (logits[-1:] if args.last_logits else logits).contiguous()
+            out[f"logits.{i}"] = (logits[-1:] if args.last_logits else logits).float().contiguous()
             generated = []
             past = result.past_key_values
             for _ in range(args.greedy_tokens):

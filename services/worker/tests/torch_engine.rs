@@ -554,3 +554,90 @@ fn real_weights_match_transformers_batched_cached_and_chunked() {
         assert_eq!(argmax(&last), reference.greedy[7][0]);
     }
 }
+
+/// bf16 rounds every operation's result to 8 bits of mantissa, so two bf16 implementations
+/// summing in different orders part after a few near-ties. The bar: our bf16 logits are no
+/// further from the f32 truth than this multiple of transformers' own bf16 logits are, and
+/// the greedy tokens equal transformers' bf16 ones for at least the first
+/// [`BF16_AGREEING_TOKENS`] of every prompt.
+const BF16_DISTANCE_RATIO: f32 = 2.0;
+
+/// Greedy tokens that must agree with transformers' in bf16 (of 16 generated).
+const BF16_AGREEING_TOKENS: usize = 8;
+
+#[test]
+fn real_weights_in_bf16_are_as_close_to_f32_as_transformers_bf16() {
+    let dir = preble_tests::real_model_dir();
+    let lens = [5usize, 17, 40, 96, 150, 300];
+    let prompts: Vec<Vec<u32>> = lens
+        .iter()
+        .enumerate()
+        .map(|(p, &len)| {
+            (0..len)
+                .map(|i| 100 + (preble_prefix::mix64((p * 100_000 + i) as u64) % 20_000) as u32)
+                .collect()
+        })
+        .collect();
+    let steps = 16;
+    let flags = |dtype| ["--last-logits", "--dtype", dtype, "--greedy-tokens", "16"];
+    let truth = reference_with(&dir, &prompts, &flags("f32"));
+    let theirs = reference_with(&dir, &prompts, &flags("bf16"));
+    let capacity = u64::from(slot_room(&prompts, steps)) * prompts.len() as u64;
+    let bf16 = || {
+        let mut o = options(capacity);
+        o.dtype = Some("bf16".into());
+        TorchEngine::load(&dir, &o).expect("the model loads in bf16")
+    };
+    let rows = prefill_together(
+        &mut bf16(),
+        &prompts,
+        slot_room(&prompts, steps),
+        LogitsOf::Last,
+    );
+    let distance = |rows: &mut dyn Iterator<Item = &Vec<f32>>| {
+        rows.zip(&truth.logits)
+            .map(|(row, t)| max_abs_diff(row, &t[0]))
+            .fold(0.0f32, f32::max)
+    };
+    let ours_from_f32 = distance(&mut rows.iter());
+    let theirs_from_f32 = distance(&mut theirs.logits.iter().map(|l| &l[0]));
+    let rms = |rows: &mut dyn Iterator<Item = &Vec<f32>>| {
+        let (sum, n) = rows
+            .zip(&truth.logits)
+            .flat_map(|(row, t)| row.iter().zip(&t[0]).map(|(a, b)| f64::from(a - b).powi(2)))
+            .fold((0.0, 0usize), |(s, n), d| (s + d, n + 1));
+        (sum / n.max(1) as f64).sqrt()
+    };
+    let (ours_rms, theirs_rms) = (
+        rms(&mut rows.iter()),
+        rms(&mut theirs.logits.iter().map(|l| &l[0])),
+    );
+    let ours_from_theirs = rows
+        .iter()
+        .zip(&theirs.logits)
+        .map(|(row, t)| max_abs_diff(row, &t[0]))
+        .fold(0.0f32, f32::max);
+    let greedy = greedy_batched(&mut bf16(), &prompts, steps);
+    let agreeing: Vec<usize> = greedy
+        .iter()
+        .zip(&theirs.greedy)
+        .map(|(ours, theirs)| ours.iter().zip(theirs).take_while(|(a, b)| a == b).count())
+        .collect();
+    eprintln!(
+        "bf16 logits, largest (root mean square) difference: ours from f32 {ours_from_f32:e} \
+         ({ours_rms:.3}), transformers' bf16 from f32 {theirs_from_f32:e} ({theirs_rms:.3}), ours \
+         from transformers' bf16 {ours_from_theirs:e}; greedy tokens equal to transformers' bf16 \
+         before the first difference, of {steps}: {agreeing:?}"
+    );
+    assert!(
+        ours_from_f32 <= BF16_DISTANCE_RATIO * theirs_from_f32,
+        "our bf16 is {ours_from_f32} from f32, transformers' bf16 {theirs_from_f32}"
+    );
+    for (i, agree) in agreeing.iter().enumerate() {
+        assert!(
+            *agree >= BF16_AGREEING_TOKENS,
+            "prompt {i} ({} tokens): bf16 greedy tokens part after {agree}",
+            lens[i]
+        );
+    }
+}

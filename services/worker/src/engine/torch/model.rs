@@ -185,12 +185,24 @@ impl Llama {
             .f_to_kind(Kind::Float)?)
     }
 
+    /// RMSNorm. In bf16 or f16 it is computed as transformers' `LlamaRMSNorm` does: the mean
+    /// square and the scaling in f32, rounded back before the weight.
     fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor, ModelError> {
-        Ok(x.f_rms_norm(
-            [self.config.hidden_size],
-            Some(weight),
-            self.config.rms_norm_eps,
-        )?)
+        if self.kind == Kind::Float {
+            return Ok(x.f_rms_norm(
+                [self.config.hidden_size],
+                Some(weight),
+                self.config.rms_norm_eps,
+            )?);
+        }
+        let wide = x.f_to_kind(Kind::Float)?;
+        let mean_square = wide.f_square()?.f_mean_dim(-1, true, Kind::Float)?;
+        let scaled = wide.f_mul(
+            &mean_square
+                .f_add_scalar(self.config.rms_norm_eps)?
+                .f_rsqrt()?,
+        )?;
+        Ok(weight.f_mul(&scaled.f_to_kind(self.kind)?)?)
     }
 
     /// cos and sin tables `[rows, 1, head_dim]` for the rows' positions ("rotate half" layout).
