@@ -56,6 +56,17 @@ fn streamed_finish(events: &[String]) -> Option<String> {
         })
 }
 
+/// The completion's undisturbed answer, and its text.
+async fn undisturbed(c: &TestCluster, body: &Value) -> (Value, String) {
+    let (status, reference) = post(&c.gateway, "/v1/completions", body).await;
+    assert_eq!(status, 200, "{reference}");
+    let text = reference["choices"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (reference, text)
+}
+
 #[tokio::test]
 async fn a_stream_whose_worker_dies_goes_on_on_another_worker_byte_for_byte() {
     let mut c = TestCluster::start(Options {
@@ -66,12 +77,7 @@ async fn a_stream_whose_worker_dies_goes_on_on_another_worker_byte_for_byte() {
     .await
     .unwrap();
     let body = long_completion(&c.model, 300);
-    let (status, reference) = post(&c.gateway, "/v1/completions", &body).await;
-    assert_eq!(status, 200, "{reference}");
-    let reference_text = reference["choices"][0]["text"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (reference, reference_text) = undisturbed(&c, &body).await;
 
     let (status, events, _) =
         stream_killing_its_worker(&mut c, "/v1/completions", &streamed(&body), 40.0).await;
@@ -176,12 +182,7 @@ async fn stream_with_forged_losses(forgeries: usize) -> (TestCluster, String, Ve
     .await
     .unwrap();
     let body = long_completion(&c.model, 120);
-    let (status, reference) = post(&c.gateway, "/v1/completions", &body).await;
-    assert_eq!(status, 200, "{reference}");
-    let reference_text = reference["choices"][0]["text"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (_, reference_text) = undisturbed(&c, &body).await;
     let client = async_nats::connect(c.nats_url.as_str()).await.unwrap();
     let forger = forge_worker_lost(client, Subjects::new(&c.prefix), forgeries);
     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -450,6 +450,19 @@ fn loading_errors_are_clear() {
 /// accumulated rounding; the largest difference is printed).
 const REAL_LOGIT_TOLERANCE: f32 = 5e-4;
 
+/// Prompts of these lengths of ordinary text tokens of the real model (ids past the special
+/// ones), seeded.
+fn text_prompts(lens: &[usize]) -> Vec<Vec<u32>> {
+    lens.iter()
+        .enumerate()
+        .map(|(p, &len)| {
+            (0..len)
+                .map(|i| 100 + (preble_prefix::mix64((p * 100_000 + i) as u64) % 20_000) as u32)
+                .collect()
+        })
+        .collect()
+}
+
 /// The last position's logits of `prompt`, prefilled in chunks of `chunk` tokens, after the
 /// first `cached` tokens were computed by another sequence into the same slots.
 fn last_logits_chunked(
@@ -499,16 +512,7 @@ fn last_logits_chunked(
 fn real_weights_match_transformers_batched_cached_and_chunked() {
     let dir = preble_tests::real_model_dir();
     let lens = [5usize, 17, 40, 96, 150, 300, 700, 2000];
-    // Ordinary text tokens (ids past the special ones), seeded.
-    let prompts: Vec<Vec<u32>> = lens
-        .iter()
-        .enumerate()
-        .map(|(p, &len)| {
-            (0..len)
-                .map(|i| 100 + (preble_prefix::mix64((p * 100_000 + i) as u64) % 20_000) as u32)
-                .collect()
-        })
-        .collect();
+    let prompts = text_prompts(&lens);
     let reference = reference_with(&dir, &prompts, &["--last-logits"]);
     let steps = 32;
     let capacity = u64::from(slot_room(&prompts, steps)) * prompts.len() as u64;
@@ -569,15 +573,7 @@ const BF16_AGREEING_TOKENS: usize = 8;
 fn real_weights_in_bf16_are_as_close_to_f32_as_transformers_bf16() {
     let dir = preble_tests::real_model_dir();
     let lens = [5usize, 17, 40, 96, 150, 300];
-    let prompts: Vec<Vec<u32>> = lens
-        .iter()
-        .enumerate()
-        .map(|(p, &len)| {
-            (0..len)
-                .map(|i| 100 + (preble_prefix::mix64((p * 100_000 + i) as u64) % 20_000) as u32)
-                .collect()
-        })
-        .collect();
+    let prompts = text_prompts(&lens);
     let steps = 16;
     let flags = |dtype| ["--last-logits", "--dtype", dtype, "--greedy-tokens", "16"];
     let truth = reference_with(&dir, &prompts, &flags("f32"));
