@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use preble_costmodel::{Profile, SeqWork};
 use preble_prefix::mix64;
-
 use preble_protocol::TokenLogprob;
 
 use super::{Engine, EngineError, StepOutput, StepSeq};
