@@ -1,6 +1,7 @@
 //! Which cluster the simulator runs: a number of GPUs of one cost profile.
 
 use preble_costmodel::Profile;
+use preble_policy::workers::MAX_WORKERS;
 
 /// A cluster of identical serving units.
 #[derive(Clone, Debug, PartialEq)]
@@ -42,9 +43,15 @@ impl std::str::FromStr for ClusterSpec {
                 "cluster {s:?}: {gpus} GPUs do not split into units of {tp} (the profile's tensor parallelism)"
             ));
         }
+        let units = gpus / tp;
+        if units > MAX_WORKERS {
+            return Err(format!(
+                "cluster {s:?}: {units} units; one scheduler routes to at most {MAX_WORKERS}"
+            ));
+        }
         Ok(Self {
             name: s.to_string(),
-            units: gpus / tp,
+            units,
             profile,
         })
     }
@@ -65,5 +72,11 @@ mod tests {
         assert!("3xh100-tp2-llama3-70b".parse::<ClusterSpec>().is_err());
         assert!("4xtpu".parse::<ClusterSpec>().is_err());
         assert!("many".parse::<ClusterSpec>().is_err());
+        assert_eq!(
+            "256xa6000-mistral-7b".parse::<ClusterSpec>().unwrap().units,
+            256
+        );
+        let e = "512xa6000-mistral-7b".parse::<ClusterSpec>().unwrap_err();
+        assert!(e.contains("at most 256"), "{e}");
     }
 }

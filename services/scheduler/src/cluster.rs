@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
+use preble_policy::workers::MAX_WORKERS;
 use preble_policy::{WorkerLoad, WorkerView};
 use preble_protocol::{WorkerEvent, WorkerEventBody};
 
@@ -49,6 +50,9 @@ pub struct Observed {
     pub known: bool,
     /// The worker is new (or back).
     pub joined: bool,
+    /// A new worker announced itself while the cluster already had as many as a scheduler
+    /// routes to ([`MAX_WORKERS`]): it is not admitted (its requests would all fail).
+    pub refused: bool,
     /// Events were lost between the previous one and this one.
     pub gap: bool,
     /// A request ended: its charge was released.
@@ -97,8 +101,13 @@ impl Cluster {
             WorkerEventBody::Heartbeat(h) => Some(h),
             _ => None,
         };
+        let full = self.workers.len() >= MAX_WORKERS;
         let state = match (self.workers.get_mut(&event.worker_id), joined_by) {
             (Some(state), _) => state,
+            (None, Some(_)) if full => {
+                observed.refused = true;
+                return observed;
+            }
             (None, Some(beat)) => {
                 observed.joined = true;
                 self.workers
@@ -315,6 +324,21 @@ mod tests {
             prompt_tokens: 10,
             stream_key: "s".into(),
         }
+    }
+
+    #[test]
+    fn a_worker_past_the_most_a_scheduler_routes_to_is_refused_at_join() {
+        let t = Instant::now();
+        let mut c = Cluster::new(3);
+        for i in 0..MAX_WORKERS {
+            assert!(c.observe(&event(&format!("w{i}"), 0, beat()), t).joined);
+        }
+        let o = c.observe(&event("one-too-many", 0, beat()), t);
+        assert!(o.refused && !o.joined && !o.known, "{o:?}");
+        assert_eq!(c.live_workers(), MAX_WORKERS);
+        assert!(c.eligible("m", &[]).iter().all(|w| w.id != "one-too-many"));
+        // A known worker's heartbeats still count.
+        assert!(c.observe(&event("w0", 1, beat()), t).known);
     }
 
     #[test]

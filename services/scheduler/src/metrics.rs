@@ -23,6 +23,9 @@ pub struct Metrics {
     pub outstanding: IntGaugeVec,
     /// Worker event sequence gaps seen.
     pub event_gaps: IntCounter,
+    /// Heartbeats of new workers refused because the cluster had as many as one scheduler
+    /// routes to.
+    pub refused_workers: IntCounter,
     /// Cache events rejected as lies (a path hash that does not match its tokens).
     pub rejected_events: IntCounter,
     /// Events from workers that have not sent a heartbeat, ignored.
@@ -217,6 +220,14 @@ impl Metrics {
                 IntCounter::with_opts(opts(
                     "preble:scheduler_event_gaps_total",
                     "Gaps in worker event sequences",
+                ))
+                .expect("valid metric"),
+            ),
+            refused_workers: reg(
+                &registry,
+                IntCounter::with_opts(opts(
+                    "preble:scheduler_workers_refused_total",
+                    "Heartbeats of new workers refused: the cluster had as many as one scheduler routes to",
                 ))
                 .expect("valid metric"),
             ),

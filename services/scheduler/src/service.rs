@@ -131,6 +131,7 @@ pub async fn run(
         last_snapshot: Instant::now(),
         digests: digests_tx,
         digests_pending: HashSet::new(),
+        last_refusal_warning: None,
         cluster: Cluster::new(config.heartbeat_misses),
         waiting: VecDeque::new(),
         in_flight: 0,
@@ -194,6 +195,9 @@ struct DispatchResult {
     outcome: Result<DispatchOutcome, String>,
 }
 
+/// How often the refusal of workers past the most one scheduler routes to is logged.
+const REFUSAL_WARNING_EVERY: Duration = Duration::from_secs(10);
+
 /// The routing actor.
 struct Router {
     /// The wait for the known workers after a restart.
@@ -210,6 +214,8 @@ struct Router {
     digests: mpsc::UnboundedSender<DigestResult>,
     /// Workers whose digest was asked for and has not arrived.
     digests_pending: HashSet<String>,
+    /// When a worker refused at join was last logged.
+    last_refusal_warning: Option<Instant>,
     persistence: Option<Persistence>,
     last_snapshot: Instant,
     metrics: Metrics,
@@ -528,6 +534,20 @@ impl Router {
             self.metrics.event_gaps.inc();
             warn!(%worker, seq = event.seq, "gap in worker events");
             self.request_digest(&event.worker_id);
+        }
+        if observed.refused {
+            self.metrics.refused_workers.inc();
+            if self
+                .last_refusal_warning
+                .is_none_or(|at| at.elapsed() >= REFUSAL_WARNING_EVERY)
+            {
+                self.last_refusal_warning = Some(Instant::now());
+                warn!(
+                    %worker,
+                    max = preble_policy::workers::MAX_WORKERS,
+                    "a worker joined past the most workers one scheduler routes to: not admitted"
+                );
+            }
         }
         if observed.joined {
             info!(%worker, "worker joined");
