@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 request = json.load(sys.stdin)
 tokenizer = AutoTokenizer.from_pretrained(request["model_dir"])
-model = AutoModelForCausalLM.from_pretrained(request["model_dir"], torch_dtype=torch.float32)
+model = AutoModelForCausalLM.from_pretrained(request["model_dir"], dtype=torch.float32)
 model.eval()
 ids = tokenizer(request["text"], add_special_tokens=False)["input_ids"]
 decode = lambda i: tokenizer.decode([i], clean_up_tokenization_spaces=False)
