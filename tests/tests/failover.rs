@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use futures::StreamExt;
 use preble_protocol::{ErrorCode, StreamBody, StreamMessage, Subjects, decode, encode};
@@ -133,15 +131,16 @@ async fn a_stream_whose_only_worker_dies_ends_with_an_error_event() {
 }
 
 /// Plays a worker declared lost: after the first tokens of each of the next `forgeries`
-/// attempts (each on its own stream subject), publishes `worker_lost` on that subject.
-fn forge_worker_lost(
+/// attempts (each on its own stream subject), publishes `worker_lost` on that subject. Returns
+/// once it is listening.
+async fn forge_worker_lost(
     client: async_nats::Client,
     subjects: Subjects,
     forgeries: usize,
 ) -> tokio::task::JoinHandle<()> {
+    let mut watch = client.subscribe(subjects.all_streams()).await.unwrap();
+    client.flush().await.unwrap();
     tokio::spawn(async move {
-        let mut watch = client.subscribe(subjects.all_streams()).await.unwrap();
-        client.flush().await.unwrap();
         let mut forged: Vec<String> = Vec::new();
         while forged.len() < forgeries {
             let Some(message) = watch.next().await else {
@@ -184,8 +183,7 @@ async fn stream_with_forged_losses(forgeries: usize) -> (TestCluster, String, Ve
     let body = long_completion(&c.model, 120);
     let (_, reference_text) = undisturbed(&c, &body).await;
     let client = async_nats::connect(c.nats_url.as_str()).await.unwrap();
-    let forger = forge_worker_lost(client, Subjects::new(&c.prefix), forgeries);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let forger = forge_worker_lost(client, Subjects::new(&c.prefix), forgeries).await;
     let (status, events) = stream(&c.gateway, "/v1/completions", &streamed(&body)).await;
     forger.abort();
     assert_eq!(status, 200);
