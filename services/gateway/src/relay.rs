@@ -141,7 +141,7 @@ impl Relay {
             delivered: Vec::new(),
             last_heard: Instant::now(),
             suspect_since: None,
-            connects_seen: self.client.statistics().connects.load(Ordering::Relaxed),
+            connects_seen: self.connects(),
             guard: CancelGuard {
                 client: self.client.clone(),
                 subject: self.subjects.cancel(),
@@ -198,6 +198,11 @@ impl Relay {
                 Err(e) => return Err(e.retry_after(Duration::from_secs(1))),
             }
         }
+    }
+
+    /// How many times this gateway has connected to NATS.
+    fn connects(&self) -> u64 {
+        self.client.statistics().connects.load(Ordering::Relaxed)
     }
 
     /// One attempt to put a request on the requests stream, confirmed.
@@ -435,7 +440,7 @@ impl Generation {
                 Ok(Some(message)) => return Heard::Message(message),
                 Ok(None) => return Heard::Closed,
                 Err(_) => {
-                    let connects = self.connects();
+                    let connects = self.relay.connects();
                     if connects != self.connects_seen {
                         self.connects_seen = connects;
                         self.suspect_since.get_or_insert(now);
@@ -443,15 +448,6 @@ impl Generation {
                 }
             }
         }
-    }
-
-    /// How many times this gateway has connected to NATS.
-    fn connects(&self) -> u64 {
-        self.relay
-            .client
-            .statistics()
-            .connects
-            .load(Ordering::Relaxed)
     }
 
     /// Queues the request again: `None` when a new attempt is on its way, else how the
@@ -519,7 +515,7 @@ impl Generation {
         self.next_seq = 0;
         self.suspect_since = None;
         self.last_heard = Instant::now();
-        self.connects_seen = self.connects();
+        self.connects_seen = self.relay.connects();
         self.metrics.resubmissions.inc();
         if shown > 0 {
             self.metrics.resumed_streams.inc();

@@ -37,12 +37,12 @@ impl SimEngine {
 }
 
 impl SimEngine {
-    /// The log-probabilities of the distribution the sim draws `token` from: a hash picks
-    /// uniformly among its vocabulary, so every token has probability 1 / vocabulary; the
-    /// `top` are `token` and the ones after it in the vocabulary (all equally likely).
-    pub fn logprobs(&self, token: u32, top: u32) -> TokenLogprob {
+    /// The log-probabilities of the distribution the sim draws the token at vocabulary place
+    /// `at` from: a hash picks uniformly among its vocabulary, so every token has probability
+    /// 1 / vocabulary; the `top` are that token and the ones after it in the vocabulary (all
+    /// equally likely).
+    pub fn logprobs(&self, at: usize, top: u32) -> TokenLogprob {
         let logprob = -(self.vocab.len() as f32).ln();
-        let at = self.vocab.iter().position(|&t| t == token).unwrap_or(0);
         let top = (0..(top as usize).min(self.vocab.len()))
             .filter_map(|i| self.vocab.get((at + i) % self.vocab.len()))
             .map(|&t| (t, logprob))
@@ -50,10 +50,16 @@ impl SimEngine {
         TokenLogprob { logprob, top }
     }
 
+    /// The place in the vocabulary of the token the sim generates at `index` for a prompt
+    /// hash and seed.
+    fn draw(&self, prompt_hash: u64, seed: u64, index: u32) -> usize {
+        let h = mix64(prompt_hash ^ mix64(seed) ^ mix64(u64::from(index) + 1));
+        (h % self.vocab.len() as u64) as usize
+    }
+
     /// The token the sim generates at `index` for a prompt hash and seed.
     pub fn token(&self, prompt_hash: u64, seed: u64, index: u32) -> u32 {
-        let h = mix64(prompt_hash ^ mix64(seed) ^ mix64(u64::from(index) + 1));
-        self.vocab[(h % self.vocab.len() as u64) as usize]
+        self.vocab[self.draw(prompt_hash, seed, index)]
     }
 }
 
@@ -65,20 +71,21 @@ impl Engine for SimEngine {
     fn step(&mut self, batch: &[StepSeq<'_>]) -> Result<StepOutput, EngineError> {
         let work: Vec<SeqWork> = batch.iter().map(|s| s.work).collect();
         let ms = self.profile.iteration_ms(&work) * self.time_scale;
-        let tokens: Vec<Option<u32>> = batch
+        let draws: Vec<Option<usize>> = batch
             .iter()
             .map(|s| {
                 // Without a seed of its own a request's tokens depend on its prompt only, so
                 // tests can predict them.
                 let seed = s.sampling.seed.unwrap_or(0);
                 s.samples
-                    .then(|| self.token(s.prompt_hash, seed, s.output_index))
+                    .then(|| self.draw(s.prompt_hash, seed, s.output_index))
             })
             .collect();
+        let tokens = draws.iter().map(|d| Some(self.vocab[(*d)?])).collect();
         let logprobs = batch
             .iter()
-            .zip(&tokens)
-            .map(|(s, token)| Some(self.logprobs((*token)?, s.sampling.logprobs?)))
+            .zip(&draws)
+            .map(|(s, at)| Some(self.logprobs((*at)?, s.sampling.logprobs?)))
             .collect();
         Ok(StepOutput {
             tokens,
